@@ -1,0 +1,173 @@
+"""The distributions of NVAE: residual Normal latents, discretized mixture of logistics and Bernoulli pixels.
+
+All densities are evaluated in float32 whatever the compute dtype of the network. Random draws come from a
+noise source (an object with `normal(shape)` and `uniform(shape)`), so the caller decides how noise is made:
+Keras seeded generators for training, a builtin-op generator for the exported samplers.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+LOG_2PI = math.log(2.0 * math.pi)
+UNIFORM_EPS = 1e-5
+
+
+def soft_clamp(x, bound=5.0):
+    """`bound * tanh(x / bound)`: smooth clamp of a raw network output to (-bound, bound)."""
+    return bound * ops.tanh(x / bound)
+
+
+class KerasNoise:
+    """Noise source drawing from a `keras.random.SeedGenerator`."""
+
+    def __init__(self, seed_generator):
+        self.seed_generator = seed_generator
+
+    def normal(self, shape, dtype="float32"):
+        return keras.random.normal(shape, dtype=dtype, seed=self.seed_generator)
+
+    def uniform(self, shape, dtype="float32"):
+        return keras.random.uniform(shape, minval=UNIFORM_EPS, maxval=1.0 - UNIFORM_EPS, dtype=dtype,
+                                    seed=self.seed_generator)
+
+
+class Normal:
+    """Diagonal Normal with NVAE's parameterisation.
+
+    From raw network outputs: `mu = 5 tanh(mu_raw / 5)`, `sigma = (exp(5 tanh(log_sigma_raw / 5)) + 0.01) * t`.
+    With both raw values zero this is the top prior, sigma = 1.01 (times the temperature t).
+    """
+
+    def __init__(self, mu, sigma):
+        self.mu = mu
+        self.sigma = sigma
+
+    @classmethod
+    def from_raw(cls, mu_raw, log_sigma_raw, temperature=1.0):
+        mu_raw = ops.cast(mu_raw, "float32")
+        log_sigma_raw = ops.cast(log_sigma_raw, "float32")
+        sigma = (ops.exp(soft_clamp(log_sigma_raw)) + 0.01) * temperature
+        return cls(soft_clamp(mu_raw), sigma)
+
+    def sample(self, noise):
+        """Reparameterised draw `mu + sigma * eps`."""
+        return self.mu + self.sigma * noise.normal(ops.shape(self.mu))
+
+    def log_prob(self, z):
+        """Elementwise log-density."""
+        z = ops.cast(z, "float32")
+        normalized = (z - self.mu) / self.sigma
+        return -0.5 * ops.square(normalized) - 0.5 * LOG_2PI - ops.log(self.sigma)
+
+    def kl(self, other):
+        """Elementwise analytic KL(self || other)."""
+        ratio = self.sigma / other.sigma
+        diff = (self.mu - other.mu) / other.sigma
+        return 0.5 * (ops.square(diff) + ops.square(ratio)) - 0.5 - ops.log(ratio)
+
+
+def _sum_per_image(x):
+    return ops.sum(ops.reshape(x, (ops.shape(x)[0], -1)), axis=1)
+
+
+class Bernoulli:
+    """Independent Bernoulli pixels from logits `[batch, h, w, channels]`; data in {0, 1}."""
+
+    def __init__(self, logits):
+        self.logits = ops.cast(logits, "float32")
+
+    def log_prob(self, x):
+        """log p(x) summed per image: `[batch]`."""
+        x = ops.cast(x, "float32")
+        lp = x * ops.log_sigmoid(self.logits) + (1.0 - x) * ops.log_sigmoid(-self.logits)
+        return _sum_per_image(lp)
+
+    def sample(self, noise):
+        return ops.cast(noise.uniform(ops.shape(self.logits)) < ops.sigmoid(self.logits), "float32")
+
+    def mean(self):
+        return ops.sigmoid(self.logits)
+
+
+class DiscretizedMixtureOfLogistics:
+    """Discretized mixture of M logistics over RGB with autoregressive channel means (PixelCNN++ style).
+
+    Parameters `[batch, h, w, 10 M]`: channels [0, M) are mixture logits; the other 9M, viewed as
+    (3 colours, 3M), hold per colour M means, M log-scales (clamped at -7) and M coefficients (tanh). The
+    green mean adds `c0 * red`, the blue mean `c1 * red + c2 * green`, where c_i are the coefficients of
+    colour slot i. Data in [0, 1] on the grid of `2**num_bits` levels.
+
+    The mass of a bin is the exact logistic CDF difference, computed in log space; the two extreme bins take
+    the tails, so the probabilities of all `2**num_bits` values of a pixel sum to 1.
+    """
+
+    def __init__(self, params, num_bits=8):
+        params = ops.cast(params, "float32")
+        num_params = params.shape[-1]
+        if num_params % 10:
+            raise ValueError(f"a 3-channel mixture of logistics needs 10*M parameters, got {num_params}")
+        m = num_params // 10
+        self.num_mixtures = m
+        self.num_bits = int(num_bits)
+        self.logits = params[..., :m]
+        rest = ops.reshape(params[..., m:], (*ops.shape(params)[:-1], 3, 3 * m))
+        self.means = rest[..., :m]  # [b, h, w, 3, M]
+        self.log_scales = ops.maximum(rest[..., m:2 * m], -7.0)
+        self.coeffs = ops.tanh(rest[..., 2 * m:])
+
+    def _channel_means(self, red, green):
+        """Means of the three colours given red and green values broadcastable to `[b, h, w, M]`."""
+        mean_r = self.means[..., 0, :]
+        mean_g = self.means[..., 1, :] + self.coeffs[..., 0, :] * red
+        mean_b = self.means[..., 2, :] + self.coeffs[..., 1, :] * red + self.coeffs[..., 2, :] * green
+        return ops.stack([mean_r, mean_g, mean_b], axis=-2)
+
+    def log_prob_map(self, x):
+        """log p(x) per pixel, `[batch, h, w]`, for x in [0, 1] of shape `[batch, h, w, 3]`."""
+        x = 2.0 * ops.cast(x, "float32") - 1.0
+        half_bin = 1.0 / (2.0 ** self.num_bits - 1.0)
+        means = self._channel_means(x[..., 0:1], x[..., 1:2])  # [b, h, w, 3, M]
+        x = x[..., None]  # [b, h, w, 3, 1]
+        inv_scale = ops.exp(-self.log_scales)
+        centered = x - means
+        plus_in = inv_scale * (centered + half_bin)
+        minus_in = inv_scale * (centered - half_bin)
+        # log(sigmoid(a) - sigmoid(b)) = log sigmoid(a) + log sigmoid(-b) + log(1 - exp(b - a)), for a > b.
+        log_mass = (ops.log_sigmoid(plus_in) + ops.log_sigmoid(-minus_in)
+                    + ops.log(-ops.expm1(minus_in - plus_in)))
+        log_probs = ops.where(x < -1.0 + half_bin, ops.log_sigmoid(plus_in),
+                              ops.where(x > 1.0 - half_bin, ops.log_sigmoid(-minus_in), log_mass))
+        log_probs = ops.sum(log_probs, axis=-2) + ops.log_softmax(self.logits, axis=-1)
+        return ops.logsumexp(log_probs, axis=-1)
+
+    def log_prob(self, x):
+        """log p(x) summed per image: `[batch]`."""
+        return _sum_per_image(self.log_prob_map(x))
+
+    def sample(self, noise):
+        """Draw pixels in [0, 1] (temperature 1 in pixel space)."""
+        shape = ops.shape(self.logits)
+        gumbel = -ops.log(-ops.log(noise.uniform(shape)))
+        select = ops.one_hot(ops.argmax(self.logits + gumbel, axis=-1), self.num_mixtures)[..., None, :]
+        means = ops.sum(self.means * select, axis=-1)  # [b, h, w, 3]
+        log_scales = ops.sum(self.log_scales * select, axis=-1)
+        coeffs = ops.sum(self.coeffs * select, axis=-1)
+        u = noise.uniform(ops.shape(means))
+        x = means + ops.exp(log_scales) * (ops.log(u) - ops.log(1.0 - u))
+        red = ops.clip(x[..., 0], -1.0, 1.0)
+        green = ops.clip(x[..., 1] + coeffs[..., 0] * red, -1.0, 1.0)
+        blue = ops.clip(x[..., 2] + coeffs[..., 1] * red + coeffs[..., 2] * green, -1.0, 1.0)
+        return (ops.stack([red, green, blue], axis=-1) + 1.0) / 2.0
+
+    def mean(self):
+        """Mixture-weighted means with the same channel conditioning, in [0, 1]."""
+        weights = ops.softmax(self.logits, axis=-1)
+        red = ops.sum(weights * self.means[..., 0, :], axis=-1, keepdims=True)
+        green = ops.sum(weights * (self.means[..., 1, :] + self.coeffs[..., 0, :] * red), axis=-1,
+                        keepdims=True)
+        blue = ops.sum(weights * (self.means[..., 2, :] + self.coeffs[..., 1, :] * red
+                                  + self.coeffs[..., 2, :] * green), axis=-1, keepdims=True)
+        x = ops.clip(ops.concatenate([red, green, blue], axis=-1), -1.0, 1.0)
+        return (x + 1.0) / 2.0

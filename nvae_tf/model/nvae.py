@@ -1,0 +1,384 @@
+"""NVAE: the deep hierarchical VAE of Vahdat & Kautz (2020) as a Keras 3 model.
+
+Layout (paper Fig. 2; L latent scales, N latent groups):
+
+    images -> stem -> pre-process blocks -> bottom-up encoder tower --------------------.
+                                                  | features of groups 1..N-1          | enc0
+                                                  v                                    v
+    prior_ftr0 -> [group 0: z0 ~ q(z0|x)] -> [group k: decoder cells, prior p(zk|z<k),
+                   posterior q(zk|x, z<k), combine] ... -> up cells between scales
+               -> post-process blocks -> output head -> p(x|z)
+
+`call(images)` returns the terms of the ELBO per image; `sample()` draws images from the prior.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from nvae_tf.model.cells import EncoderCell, GenerativeCell
+from nvae_tf.model.distributions import Bernoulli, DiscretizedMixtureOfLogistics, KerasNoise, Normal
+from nvae_tf.model.flows import ARFlowCell
+from nvae_tf.model.ops import Conv2D, channels_shape
+
+DECODER_EXPANSION = 6
+POSTPROCESS_EXPANSION = 3
+POWER_ITERATIONS = 4
+FIRST_POWER_ITERATIONS = 40
+POWER_ITERATION_EPS = 1e-3
+
+
+class LatentGroup(keras.layers.Layer):
+    """One latent group of the top-down decoder with its samplers, combiners and flows.
+
+    For group k > 0 on the decoder state `s` `[batch, h, w, Cd_j]`:
+      s <- decoder cells(s);  prior raw = Conv1x1(ELU(s)) -> 2 nz;
+      posterior raw = Conv3x3(encoder feature + Conv1x1(s)) -> 2 nz, added to the prior's (residual Normal);
+      z ~ q, then the flows;  s <- Conv1x1(concat[s, z]).
+    Group 0 has no cells and a fixed N(0, 1.01^2) prior; its posterior reads enc0's output.
+    """
+
+    def __init__(self, index, decoder_channels, encoder_channels, latent_channels, num_cells, num_flows,
+                 use_se=True, **kwargs):
+        super().__init__(**kwargs)
+        self.index, self.latent_channels = int(index), int(latent_channels)
+        self.decoder_channels, self.encoder_channels = int(decoder_channels), int(encoder_channels)
+        self.is_top = self.index == 0
+        self.cells = [] if self.is_top else [
+            GenerativeCell(decoder_channels, "normal", DECODER_EXPANSION, use_se, name=f"cell_{i}")
+            for i in range(num_cells)]
+        if not self.is_top:
+            self.prior_sampler = Conv2D(2 * latent_channels, 1, name="prior_sampler")
+            self.encoder_combiner = Conv2D(encoder_channels, 1, name="encoder_combiner")
+        self.posterior_sampler = Conv2D(2 * latent_channels, 3, name="posterior_sampler")
+        self.flows = [ARFlowCell(latent_channels, mirror=i % 2 == 1, name=f"flow_{i}")
+                      for i in range(2 * num_flows)]
+        self.decoder_combiner = Conv2D(decoder_channels, 1, name="decoder_combiner")
+
+    def build(self, input_shape=None):
+        dec, enc = channels_shape(self.decoder_channels), channels_shape(self.encoder_channels)
+        for cell in self.cells:
+            cell.build()
+        if not self.is_top:
+            self.prior_sampler.build(dec)
+            self.encoder_combiner.build(dec)
+        self.posterior_sampler.build(enc)
+        for flow in self.flows:
+            flow.build()
+        self.decoder_combiner.build(channels_shape(self.decoder_channels + self.latent_channels))
+
+    def run_cells(self, s, training=False):
+        for cell in self.cells:
+            s = cell(s, training=training)
+        return s
+
+    def prior_raw(self, s):
+        """Raw prior parameters `[batch, h, w, 2 nz]` from the decoder state (k > 0)."""
+        return ops.cast(self.prior_sampler(ops.elu(s)), "float32")
+
+    def posterior_raw(self, s, encoder_feature):
+        """Raw posterior parameters (offsets to the prior's for k > 0)."""
+        if self.is_top:
+            return ops.cast(self.posterior_sampler(encoder_feature), "float32")
+        return ops.cast(self.posterior_sampler(encoder_feature + self.encoder_combiner(s)), "float32")
+
+    def combine(self, s, z):
+        dtype = self.decoder_combiner.compute_dtype
+        return self.decoder_combiner(ops.concatenate([ops.cast(s, dtype), ops.cast(z, dtype)], axis=-1))
+
+    def normal(self, raw, temperature=1.0):
+        nz = self.latent_channels
+        return Normal.from_raw(raw[..., :nz], raw[..., nz:], temperature)
+
+
+class NVAE(keras.Model):
+    """The NVAE model for one `NVAEConfig`.
+
+    Inputs are images `[batch, H, W, C]` of integers 0..255 (uint8); the model reduces them to
+    `config.num_x_bits` bits and maps them to [-1, 1] itself.
+    """
+
+    def __init__(self, config, **kwargs):
+        kwargs.setdefault("name", "nvae")
+        super().__init__(**kwargs)
+        self.config = config
+        c = config
+        P, L = c.num_preprocess_blocks, c.num_latent_scales
+        groups = c.groups_per_scale
+
+        self.stem = Conv2D(c.num_channels_enc, 3, name="stem")
+        channels = c.num_channels_enc
+        self.preprocess = []
+        for b in range(P):
+            for i in range(c.num_preprocess_cells - 1):
+                self.preprocess.append(EncoderCell(channels, "normal", c.use_se, name=f"pre_{b}_{i}"))
+            self.preprocess.append(EncoderCell(channels, "down", c.use_se, name=f"pre_{b}_down"))
+            channels *= 2
+
+        # Bottom-up tower: the feature after each group's cells is recorded for the top-down pass, except
+        # after the very last group (its feature goes through enc0 instead).
+        self.encoder_tower, self._record_after = [], []
+        for s in range(L):
+            for g in range(groups[s]):
+                for i in range(c.num_cell_per_cond_enc):
+                    self.encoder_tower.append(EncoderCell(channels, "normal", c.use_se, name=f"enc_{s}_{g}_{i}"))
+                    self._record_after.append(i == c.num_cell_per_cond_enc - 1
+                                              and not (s == L - 1 and g == groups[s] - 1))
+            if s < L - 1:
+                self.encoder_tower.append(EncoderCell(channels, "down", c.use_se, name=f"enc_{s}_down"))
+                self._record_after.append(False)
+                channels *= 2
+        self.enc0 = Conv2D(channels, 1, name="enc0")
+
+        top = c.image_size // c.total_downsampling
+        dec_channels = c.num_channels_dec * 2 ** (P + L - 1)
+        enc_channels = channels
+        self.prior_ftr0 = self.add_weight(name="prior_ftr0", shape=(top, top, dec_channels),
+                                          initializer=keras.initializers.RandomUniform(0.0, 1.0))
+        self.latent_groups, self.decoder_up_cells, self._up_after = [], [], {}
+        for j in range(L):
+            for _ in range(groups[L - 1 - j]):
+                k = len(self.latent_groups)
+                self.latent_groups.append(LatentGroup(k, dec_channels, enc_channels, c.num_latent_per_group,
+                                                      c.num_cell_per_cond_dec, c.num_nf, c.use_se,
+                                                      name=f"group_{k}"))
+            if j < L - 1:
+                self._up_after[len(self.latent_groups) - 1] = j
+                self.decoder_up_cells.append(GenerativeCell(dec_channels, "up", DECODER_EXPANSION, c.use_se,
+                                                            name=f"dec_up_{j}"))
+                dec_channels //= 2
+                enc_channels //= 2
+
+        self.postprocess = []
+        for b in range(P):
+            self.postprocess.append(GenerativeCell(dec_channels, "up", POSTPROCESS_EXPANSION, c.use_se,
+                                                   name=f"post_{b}_up"))
+            dec_channels //= 2
+            for i in range(c.num_postprocess_cells - 1):
+                self.postprocess.append(GenerativeCell(dec_channels, "normal", POSTPROCESS_EXPANSION, c.use_se,
+                                                       name=f"post_{b}_{i}"))
+        head_channels = c.image_channels if c.decoder == "bernoulli" else 10 * c.num_mixture_dec
+        self.head = Conv2D(head_channels, 3, name="head")
+        self.seed_generator = keras.random.SeedGenerator(c.seed)
+
+    # ----------------------------------------------------------------------------------------------- build
+    def build(self, input_shape=None):
+        """Create every weight without data, then the power-iteration state of the spectral regulariser."""
+        self.stem.build(channels_shape(self.config.image_channels))
+        for layer in (*self.preprocess, *self.encoder_tower, *self.latent_groups, *self.decoder_up_cells,
+                      *self.postprocess):
+            layer.build()
+        self.enc0.build(channels_shape(self.enc0.filters))
+        self.head.build(channels_shape(self.config.num_channels_dec))
+        self._build_spectral_state()
+
+    def _build_spectral_state(self):
+        by_shape = {}
+        for layer in self.conv_layers:
+            by_shape.setdefault(tuple(_matrix_shape(layer)), []).append(layer)
+        self._sr_groups, self._sr_u, self._sr_v = [], [], []
+        rng = np.random.default_rng(self.config.seed)
+        for i, ((rows, cols), layers) in enumerate(sorted(by_shape.items())):
+            self._sr_groups.append(layers)
+            for name, size, store in (("u", rows, self._sr_u), ("v", cols, self._sr_v)):
+                init = rng.standard_normal((len(layers), size)).astype("float32")
+                init /= np.maximum(np.linalg.norm(init, axis=1, keepdims=True), POWER_ITERATION_EPS)
+                store.append(self.add_weight(name=f"power_iteration_{name}_{i}", shape=init.shape,
+                                             initializer=keras.initializers.Constant(init), trainable=False,
+                                             aggregation="only_first_replica"))
+        self.power_iteration_started = self.add_weight(name="power_iteration_started", shape=(),
+                                                       initializer="zeros", trainable=False,
+                                                       aggregation="only_first_replica")
+
+    # ------------------------------------------------------------------------------------------- structure
+    @property
+    def conv_layers(self):
+        """Every convolution (weight-normalised, plain, depthwise and autoregressive)."""
+        return [layer for layer in self._flatten_layers(include_self=False) if isinstance(layer, Conv2D)]
+
+    @property
+    def batchnorm_layers(self):
+        return [layer for layer in self._flatten_layers(include_self=False)
+                if isinstance(layer, keras.layers.BatchNormalization)]
+
+    # ------------------------------------------------------------------------------------------ forward
+    def preprocess_images(self, images):
+        """uint8 images -> float32 in [0, 1] on the grid of `2**num_x_bits` levels."""
+        bits = self.config.num_x_bits
+        x = ops.cast(images, "float32")
+        return ops.floor(x / 2.0 ** (8 - bits)) / (2.0 ** bits - 1.0)
+
+    def call(self, images, training=False, noise=None):
+        """ELBO terms per image for a batch of uint8 images `[batch, H, W, C]`.
+
+        `noise` is an optional noise source for the posterior samples (default: the model's seed generator).
+
+        Returns a dict:
+          recon_log_prob `[batch]`: log p(x|z) of one posterior sample (over the likelihood crop);
+          kl `[batch, N]`: KL of every group, top first (analytic without flows, log q - log p with flows);
+          log_q, log_p `[batch, N]`: log q(z_k|x, z<k) and log p(z_k|z<k) of the sample, for importance
+            weighting;
+          decoder_params `[batch, H, W, K]`: parameters of p(x|z).
+        """
+        return self._forward(images, training=training, noise=noise)
+
+    def get_config(self):
+        return {"name": self.name, "config": self.config.to_dict()}
+
+    @classmethod
+    def from_config(cls, config):
+        from nvae_tf.config import NVAEConfig
+        return cls(NVAEConfig.from_dict(config.pop("config")), **config)
+
+    def _forward(self, images, training=False, noise=None):
+        noise = noise or KerasNoise(self.seed_generator)
+        x = self.preprocess_images(images)
+        h = self.stem(2.0 * x - 1.0)
+        for cell in self.preprocess:
+            h = cell(h, training=training)
+        features = []
+        for cell, record in zip(self.encoder_tower, self._record_after):
+            h = cell(h, training=training)
+            if record:
+                features.append(h)
+        features.reverse()
+        ftr = ops.elu(self.enc0(ops.elu(h)))
+
+        s = self._initial_state(ops.shape(images)[0])
+        kl, log_q, log_p = [], [], []
+        for k, group in enumerate(self.latent_groups):
+            if group.is_top:
+                q = group.normal(group.posterior_raw(s, ftr))
+                prior = Normal.from_raw(ops.zeros_like(q.mu), ops.zeros_like(q.mu))
+            else:
+                s = group.run_cells(s, training=training)
+                prior_raw = group.prior_raw(s)
+                posterior_raw = group.posterior_raw(s, features[k - 1])
+                prior = group.normal(prior_raw)
+                q = group.normal(prior_raw + posterior_raw if self.config.res_dist else posterior_raw)
+            z = q.sample(noise)
+            log_q.append(_sum_per_image(q.log_prob(z)))
+            for flow in group.flows:
+                z = flow(z)
+            log_p.append(_sum_per_image(prior.log_prob(z)))
+            kl.append(log_q[-1] - log_p[-1] if group.flows else _sum_per_image(q.kl(prior)))
+            s = group.combine(s, z)
+            if k in self._up_after:
+                s = self.decoder_up_cells[self._up_after[k]](s, training=training)
+
+        params = self._decode(s, training=training)
+        crop = self.config.likelihood_crop
+        if crop:
+            x = x[:, crop:-crop, crop:-crop, :]
+            cropped = params[:, crop:-crop, crop:-crop, :]
+        else:
+            cropped = params
+        return {
+            "recon_log_prob": self.output_distribution(cropped).log_prob(x),
+            "kl": ops.stack(kl, axis=1),
+            "log_q": ops.stack(log_q, axis=1),
+            "log_p": ops.stack(log_p, axis=1),
+            "decoder_params": params,
+        }
+
+    def _initial_state(self, batch):
+        return ops.broadcast_to(self.prior_ftr0[None], (batch, *self.prior_ftr0.shape))
+
+    def _decode(self, s, training=False):
+        for cell in self.postprocess:
+            s = cell(s, training=training)
+        return ops.cast(self.head(ops.elu(s)), "float32")
+
+    def output_distribution(self, params):
+        """p(x|z) from decoder parameters: Bernoulli or discretized mixture of logistics."""
+        if self.config.decoder == "bernoulli":
+            return Bernoulli(params)
+        return DiscretizedMixtureOfLogistics(params, self.config.num_x_bits)
+
+    def decode_pixels(self, params, mode="sample", noise=None):
+        """Images in [0, 1] from decoder parameters: a draw (`sample`, on the bit grid) or the `mean`."""
+        dist = self.output_distribution(params)
+        if mode == "mean":
+            return dist.mean()
+        if mode != "sample":
+            raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
+        x = dist.sample(noise or KerasNoise(self.seed_generator))
+        levels = 2.0 ** self.config.num_x_bits - 1.0
+        return ops.round(x * levels) / levels
+
+    # ------------------------------------------------------------------------------------------ sampling
+    def sample(self, num_samples, temperature=1.0, noise=None, mode="sample", training=False):
+        """Draw `[num_samples, H, W, C]` images in [0, 1] from the prior at `temperature`.
+
+        z0 ~ N(0, (1.01 t)^2); every later group from its prior with sigma scaled by t; no flows. Pixels are
+        drawn at temperature 1 (`mode="sample"`) or taken as the decoder mean (`mode="mean"`). With
+        `training=True` BatchNorm uses and updates batch statistics (BN readjustment).
+        """
+        noise = noise or KerasNoise(self.seed_generator)
+        s = self._initial_state(num_samples)
+        top_shape = (num_samples, *self.prior_ftr0.shape[:2], self.config.num_latent_per_group)
+        for k, group in enumerate(self.latent_groups):
+            if group.is_top:
+                zeros = ops.zeros(top_shape, "float32")
+                prior = Normal.from_raw(zeros, zeros, temperature)
+            else:
+                s = group.run_cells(s, training=training)
+                prior = group.normal(group.prior_raw(s), temperature)
+            s = group.combine(s, prior.sample(noise))
+            if k in self._up_after:
+                s = self.decoder_up_cells[self._up_after[k]](s, training=training)
+        return self.decode_pixels(self._decode(s, training=training), mode=mode, noise=noise)
+
+    # ----------------------------------------------------------------------------------- regularisation
+    def spectral_norm_loss(self):
+        """Sum over every convolution of the largest singular value of its effective kernel.
+
+        Kernels are reshaped to `[out, in * kh * kw]` and grouped by shape; batched power iteration
+        (v <- normalise(u^T W), u <- normalise(W v)) runs 40 iterations on the first call and 4 afterwards,
+        keeping u and v in non-trainable weights. sigma = u^T W v with gradients through W only.
+        """
+        iterations = ops.where(self.power_iteration_started > 0, POWER_ITERATIONS, FIRST_POWER_ITERATIONS)
+        total = 0.0
+        for layers, u_var, v_var in zip(self._sr_groups, self._sr_u, self._sr_v):
+            w = ops.stack([_as_matrix(layer) for layer in layers])
+            w_fixed = ops.stop_gradient(w)
+
+            def power_step(_, uv, w_fixed=w_fixed):
+                u, v = uv
+                v = _normalize(ops.einsum("gi,gij->gj", u, w_fixed))
+                u = _normalize(ops.einsum("gij,gj->gi", w_fixed, v))
+                return u, v
+
+            u, v = ops.fori_loop(0, iterations, power_step,
+                                 (ops.convert_to_tensor(u_var), ops.convert_to_tensor(v_var)))
+            u_var.assign(u)
+            v_var.assign(v)
+            total = total + ops.sum(ops.einsum("gi,gij,gj->g", ops.stop_gradient(u), w, ops.stop_gradient(v)))
+        self.power_iteration_started.assign(1.0)
+        return total
+
+    def batchnorm_loss(self):
+        """Sum over BatchNorm layers of max_c |gamma_c| (an L-infinity norm per layer)."""
+        return sum(ops.max(ops.abs(bn.gamma)) for bn in self.batchnorm_layers)
+
+
+def _sum_per_image(x):
+    return ops.sum(ops.reshape(x, (ops.shape(x)[0], -1)), axis=1)
+
+
+def _normalize(x):
+    return x / ops.maximum(ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True)), POWER_ITERATION_EPS)
+
+
+def _matrix_shape(layer):
+    k, _, cin, cout = layer.kernel.shape
+    return (cin, k * k) if layer.depthwise else (cout, k * k * cin)
+
+
+def _as_matrix(layer):
+    """The effective kernel as a matrix: `[k, k, in, out]` -> `[out, k*k*in]`, depthwise -> `[C, k*k]`."""
+    kernel = layer.effective_kernel()
+    k, _, cin, cout = kernel.shape
+    if layer.depthwise:
+        return ops.reshape(ops.transpose(kernel, (2, 0, 1, 3)), (cin, k * k))
+    return ops.reshape(ops.transpose(kernel, (3, 0, 1, 2)), (cout, k * k * cin))
