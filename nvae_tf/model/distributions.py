@@ -162,12 +162,13 @@ class DiscretizedMixtureOfLogistics:
         return (ops.stack([red, green, blue], axis=-1) + 1.0) / 2.0
 
     def mean(self):
-        """Mixture-weighted means with the same channel conditioning, in [0, 1]."""
+        """Mixture-weighted means, each colour clipped to [-1, 1] before it conditions the next, in [0, 1]."""
         weights = ops.softmax(self.logits, axis=-1)
-        red = ops.sum(weights * self.means[..., 0, :], axis=-1, keepdims=True)
-        green = ops.sum(weights * (self.means[..., 1, :] + self.coeffs[..., 0, :] * red), axis=-1,
-                        keepdims=True)
-        blue = ops.sum(weights * (self.means[..., 2, :] + self.coeffs[..., 1, :] * red
-                                  + self.coeffs[..., 2, :] * green), axis=-1, keepdims=True)
-        x = ops.clip(ops.concatenate([red, green, blue], axis=-1), -1.0, 1.0)
-        return (x + 1.0) / 2.0
+
+        def weighted(values):
+            return ops.clip(ops.sum(weights * values, axis=-1, keepdims=True), -1.0, 1.0)
+
+        red = weighted(self.means[..., 0, :])
+        green = weighted(self.means[..., 1, :] + self.coeffs[..., 0, :] * red)
+        blue = weighted(self.means[..., 2, :] + self.coeffs[..., 1, :] * red + self.coeffs[..., 2, :] * green)
+        return (ops.concatenate([red, green, blue], axis=-1) + 1.0) / 2.0

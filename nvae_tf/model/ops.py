@@ -21,9 +21,10 @@ def channels_shape(channels):
     return (None, None, None, int(channels))
 
 
-def torch_default_kernel_initializer():
-    """U(+-sqrt(1/fan_in)): the default initialisation of a convolution or linear kernel in the paper's code."""
-    return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
+def _fan_in_uniform(fan_in):
+    """U(+-1/sqrt(fan_in)): the default initialisation of kernels and biases in the paper's code."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(-bound, bound)
 
 
 class Conv2D(keras.layers.Layer):
@@ -70,7 +71,9 @@ class Conv2D(keras.layers.Layer):
             shape, fan_in, self._norm_axes = (k, k, in_channels, self.filters), k * k * in_channels, (0, 1, 2)
         if self.mask is not None and tuple(self.mask.shape) != shape:
             raise ValueError(f"mask shape {self.mask.shape} does not match the kernel shape {shape}")
-        self.kernel = self.add_weight(name="kernel", shape=shape, initializer=torch_default_kernel_initializer())
+        # U(+-1/sqrt(fan_in)) with the fan-in of the convolution (k*k for a depthwise kernel, which Keras's
+        # variance-scaling initialisers would take as k*k*channels).
+        self.kernel = self.add_weight(name="kernel", shape=shape, initializer=_fan_in_uniform(fan_in))
         if self.weight_norm:
             def init_log_weight_norm(shape, dtype=None):
                 norm = ops.sqrt(ops.sum(ops.square(self._masked_kernel()), axis=self._norm_axes))
@@ -79,9 +82,7 @@ class Conv2D(keras.layers.Layer):
             self.log_weight_norm = self.add_weight(name="log_weight_norm", shape=g_shape,
                                                    initializer=init_log_weight_norm)
         if self.use_bias:
-            bound = 1.0 / math.sqrt(fan_in)
-            self.bias = self.add_weight(name="bias", shape=(self.filters,),
-                                        initializer=keras.initializers.RandomUniform(-bound, bound))
+            self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer=_fan_in_uniform(fan_in))
 
     def _masked_kernel(self):
         if self.mask is None:
@@ -134,10 +135,10 @@ class SqueezeExcitation(keras.layers.Layer):
         channels = int(input_shape[-1])
         hidden = max(channels // 16, 4)
         self.squeeze = keras.layers.Dense(hidden, activation="relu", name="squeeze",
-                                          kernel_initializer=torch_default_kernel_initializer(),
+                                          kernel_initializer=_fan_in_uniform(channels),
                                           bias_initializer=_fan_in_uniform(channels))
         self.excite = keras.layers.Dense(channels, activation="sigmoid", name="excite",
-                                         kernel_initializer=torch_default_kernel_initializer(),
+                                         kernel_initializer=_fan_in_uniform(hidden),
                                          bias_initializer=_fan_in_uniform(hidden))
         self.squeeze.build((None, channels))
         self.excite.build((None, hidden))
@@ -145,11 +146,6 @@ class SqueezeExcitation(keras.layers.Layer):
     def call(self, x):
         gate = self.excite(self.squeeze(ops.mean(x, axis=(1, 2))))
         return x * gate[:, None, None, :]
-
-
-def _fan_in_uniform(fan_in):
-    bound = 1.0 / math.sqrt(fan_in)
-    return keras.initializers.RandomUniform(-bound, bound)
 
 
 class FactorizedReduce(keras.layers.Layer):
