@@ -14,11 +14,17 @@ def to_uint8(images):
     return np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
 
 
-def make_grid(images, columns=None, padding=2, pad_value=255):
-    """Tile `[n, h, w, c]` images into one `[H, W, c]` uint8 image, `columns` per row (default: square)."""
+def make_grid(images, columns=None, padding=2, pad_value=255, min_size=64):
+    """Tile `[n, h, w, c]` images into one `[H, W, c]` uint8 image, `columns` per row (default: square).
+
+    Images smaller than `min_size` pixels are enlarged by an integer factor (nearest neighbour) to be seen.
+    """
     images = to_uint8(images)
     if images.ndim != 4:
         raise ValueError(f"expected images [n, h, w, c], got shape {images.shape}")
+    scale = max(1, min_size // max(images.shape[1], images.shape[2]))
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = images.shape
     columns = columns or max(1, math.ceil(math.sqrt(n)))
     rows = max(1, math.ceil(n / columns))

@@ -1,0 +1,483 @@
+"""tf.data input pipelines: every dataset of the paper, a folder of the user's own images, built-in digits.
+
+    source = open_source(config, data_dir)              # checks the data at once; split sizes in source.sizes
+    ds = source.dataset("train", batch_size=16, training=True, input_context=ctx)
+
+Every pipeline yields uint8 images `[batch, H, W, C]`; the model reduces them to `num_x_bits` itself, so
+training and evaluation see identical data. Per dataset (spec section 7):
+
+| dataset | source | preprocessing | splits |
+|---|---|---|---|
+| mnist | TFDS `mnist` | pad to 32x32, binarised anew at every read | train; validation = test = TFDS test |
+| digits | scikit-learn's digits (inside the package) | 8x8 -> 16x16, binarised anew at every read | seeded 1497 / 300 |
+| cifar10 | TFDS `cifar10` | flips (training) | train; validation = test = TFDS test |
+| celeba64 | TFDS `celeb_a` | crop box (15, 40, 163, 188), resize to 64, flips | train, validation, test |
+| imagenet32 | TFDS `imagenet_resized/32x32` | flips | train, validation |
+| celebahq | GLOW TFRecords (`train/`, `validation/`) or TFDS `celeb_a_hq/256` | flips | 27,000 / 3,000 |
+| ffhq | folder of PNGs | resize to 256, flips | seeded, saved 63,000 / 7,000 |
+| folder | folder of PNG / JPEG / WebP | centre crop, resize, flips | `train/` + `validation/`, else seeded 90 % / 10 % |
+
+Unreadable images in a folder are found once (a parallel decode of every file), skipped, counted and logged
+by name, and remembered in a manifest beside the data; with `strict=True` they are an error.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+AUTOTUNE = tf.data.AUTOTUNE
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+CACHE_LIMIT_BYTES = 2 << 30  # decoded images up to this size are cached in memory
+SHUFFLE_LIMIT_BYTES = 1 << 30  # largest shuffle buffer
+MANIFEST = ".nvae_tf_manifest.json"
+CELEBA_CROP = (15, 40, 163, 188)  # (left, upper, right, lower) of the 178x218 aligned CelebA images
+GLOW_FEATURES = {"shape": tf.io.FixedLenFeature([3], tf.int64), "data": tf.io.FixedLenFeature([], tf.string)}
+CELEBAHQ_TFDS_ARCHIVE = "data256x256.tar"
+
+
+class DataError(ValueError):
+    """The data cannot be read as configured; the message names the path and what is expected there."""
+
+
+def define_flags(flag_values=None):
+    """Flags of every entry point that reads data."""
+    from absl import flags
+    fv = flag_values if flag_values is not None else flags.FLAGS
+    if "data_dir" in fv:
+        return
+    flags.DEFINE_string("data_dir", "", "Where the dataset is: a TFDS data directory (default "
+                        "~/tensorflow_datasets), a folder of images, or GLOW TFRecords.", flag_values=fv)
+    flags.DEFINE_bool("strict_data", False, "Stop at an unreadable image instead of skipping it.", flag_values=fv)
+    flags.DEFINE_bool("download", True, "Let TFDS download and prepare a dataset that is not there yet.",
+                      flag_values=fv)
+    flags.DEFINE_bool("deterministic", False, "Reproducible input order and augmentation under --seed "
+                      "(slower).", flag_values=fv)
+
+
+# ------------------------------------------------------------------------------------------- preprocessing
+def pad_to(image, size):
+    """Pad `[h, w, c]` with zeros, centred, to `[size, size, c]`."""
+    h, w = image.shape[0], image.shape[1]
+    top, left = (size - h) // 2, (size - w) // 2
+    return tf.pad(image, [[top, size - h - top], [left, size - w - left], [0, 0]])
+
+
+def resize(image, size):
+    """Bilinear (antialiased) resize of uint8 `[h, w, c]` to `[size, size, c]`, rounded back to uint8."""
+    out = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+
+def center_crop_resize(image, size):
+    """Largest centred square, resized to `size`."""
+    shape = tf.shape(image)
+    side = tf.minimum(shape[0], shape[1])
+    top, left = (shape[0] - side) // 2, (shape[1] - side) // 2
+    return resize(image[top:top + side, left:left + side], size)
+
+
+def celeba64_crop(image):
+    """NVAE's CelebA 64 preprocessing: the crop box (15, 40, 163, 188) -> 148x148, then resize to 64."""
+    left, upper, right, lower = CELEBA_CROP
+    return resize(image[upper:lower, left:right], 64)
+
+
+def binarize(image, seed):
+    """Draw binary pixels {0, 255} with P(255) = intensity / 255 (dynamic binarisation)."""
+    p = tf.cast(image, tf.float32) / 255.0
+    u = tf.random.stateless_uniform(tf.shape(image), seed=seed)
+    return tf.cast(u < p, tf.uint8) * 255
+
+
+# ----------------------------------------------------------------------------------------------- sources
+@dataclasses.dataclass
+class Source:
+    """A dataset's splits: `read(split, shard)` yields decoded, deterministically preprocessed uint8 images."""
+    name: str
+    image_shape: tuple
+    sizes: dict
+    read: callable
+    flips: bool = True
+    binarize: bool = False
+    location: str = ""
+    unreadable: dict = dataclasses.field(default_factory=dict)  # {relative path: reason} of skipped files
+
+    def dataset(self, split, batch_size, training, input_context=None, deterministic=False, seed=1,
+                shuffle=None, cache=None):
+        """The `tf.data.Dataset` of uint8 batches `[batch_size, H, W, C]` of `split`.
+
+        Args:
+          batch_size: images per replica (per batch of this pipeline).
+          training: shuffle, augment (flips) and drop the last partial batch.
+          input_context: a `tf.distribute.InputContext`; the data is sharded over its input pipelines.
+          deterministic: reproducible order and augmentation under `seed`.
+          shuffle: override whether to shuffle (default: `training`).
+          cache: override whether to cache decoded images in memory (default: when they fit in 2 GiB).
+        """
+        if split not in self.sizes:
+            raise DataError(f"dataset {self.name!r} has no split {split!r}; it has {', '.join(self.sizes)}")
+        shard = None
+        if input_context is not None and input_context.num_input_pipelines > 1:
+            shard = (input_context.num_input_pipelines, input_context.input_pipeline_id)
+        size = self.sizes[split] // (shard[0] if shard else 1)
+        if training and size < batch_size:
+            replicas = input_context.num_replicas_in_sync if input_context else 1
+            raise DataError(f"the {split} split of {self.name!r} ({self.location}) has {self.sizes[split]} images, "
+                            f"fewer than one global batch ({batch_size} per replica x {replicas} replicas)")
+        ds = self.read(split, shard)
+        image_bytes = int(np.prod(self.image_shape))
+        if cache if cache is not None else size * image_bytes <= CACHE_LIMIT_BYTES:
+            ds = ds.cache()
+        if training if shuffle is None else shuffle:
+            buffer = int(max(1, min(size, SHUFFLE_LIMIT_BYTES // image_bytes)))
+            ds = ds.shuffle(buffer, seed=seed if deterministic else None, reshuffle_each_iteration=True)
+        flips = training and self.flips
+        if flips or self.binarize:
+            randoms = tf.data.Dataset.random(seed=seed if deterministic else None, rerandomize_each_iteration=True)
+            ds = tf.data.Dataset.zip(ds, randoms).map(
+                lambda image, r: self._augment(image, r, flips), num_parallel_calls=AUTOTUNE)
+        ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTOTUNE)
+        options = tf.data.Options()
+        options.deterministic = bool(deterministic or not training)  # evaluation order is always stable
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return ds.with_options(options).prefetch(AUTOTUNE)
+
+    def _augment(self, image, r, flips):
+        if flips:
+            image = tf.image.stateless_random_flip_left_right(image, seed=tf.stack([r, 0]))
+        if self.binarize:
+            image = binarize(image, seed=tf.stack([r, 1]))
+        return image
+
+
+def open_source(config, data_dir="", strict=False, download=True):
+    """The data of `config.dataset`, checked at once: a missing or empty `data_dir` raises `DataError`."""
+    data_dir = os.path.expanduser(data_dir or "")
+    name = config.dataset
+    if name == "digits":
+        return _digits_source(config)
+    if name in ("mnist", "cifar10", "celeba64", "imagenet32"):
+        return _tfds_source(config, data_dir, download)
+    if name == "celebahq":
+        if data_dir and _glow_files(data_dir, "train"):
+            return _glow_source(config, data_dir)
+        return _tfds_source(config, data_dir, download)
+    if name in ("ffhq", "folder"):
+        return _folder_source(config, data_dir, strict)
+    raise DataError(f"no data source for dataset {name!r}")
+
+
+# TFDS ---------------------------------------------------------------------------------------------------
+TFDS = {
+    # dataset: (TFDS name, {split: TFDS split}); NVAE validates MNIST and CIFAR-10 on their test sets.
+    "mnist": ("mnist", {"train": "train", "validation": "test", "test": "test"}),
+    "cifar10": ("cifar10", {"train": "train", "validation": "test", "test": "test"}),
+    "celeba64": ("celeb_a", {"train": "train", "validation": "validation", "test": "test"}),
+    "imagenet32": ("imagenet_resized/32x32", {"train": "train", "validation": "validation"}),
+    "celebahq": ("celeb_a_hq/256", {"train": "train[:90%]", "validation": "train[90%:]"}),
+}
+
+
+def _tfds_source(config, data_dir, download):
+    import tensorflow_datasets as tfds
+    tfds_name, splits = TFDS[config.dataset]
+    kwargs = {"data_dir": data_dir or None, "download": download}
+    if config.dataset == "mnist":
+        prep = lambda x: pad_to(x, 32)  # noqa: E731
+    elif config.dataset == "celeba64":
+        prep = celeba64_crop
+    else:
+        prep = lambda x: x  # noqa: E731
+    shape = config.image_shape
+
+    def load(split, shard=None):
+        tfds_split = splits[split]
+        if shard:
+            tfds_split = tfds.even_splits(tfds_split, shard[0])[shard[1]]
+        try:
+            ds = tfds.load(tfds_name, split=tfds_split, shuffle_files=False, **kwargs)
+        except (AssertionError, tfds.core.registered.DatasetNotFoundError, OSError) as e:
+            raise DataError(_tfds_missing_message(config.dataset, tfds_name, data_dir, e)) from e
+        return ds.map(lambda ex: tf.ensure_shape(prep(ex["image"]), shape), num_parallel_calls=AUTOTUNE)
+
+    sizes = {}
+    for split in splits:
+        n = int(load(split).cardinality())
+        sizes[split] = n if n >= 0 else sum(1 for _ in load(split))
+    location = f"TFDS {tfds_name} in {data_dir or '~/tensorflow_datasets'}"
+    return Source(config.dataset, shape, sizes, load, flips=config.dataset != "mnist",
+                  binarize=config.dataset == "mnist", location=location)
+
+
+def _tfds_missing_message(dataset, tfds_name, data_dir, error):
+    where = data_dir or os.path.expanduser("~/tensorflow_datasets")
+    if dataset == "celebahq":
+        manual = os.path.join(where, "downloads", "manual", CELEBAHQ_TFDS_ARCHIVE)
+        return (f"celebahq: no data found. Give --data_dir either (a) a folder with the GLOW CelebA-HQ TFRecords "
+                f"in train/*.tfrecords and validation/*.tfrecords (the celeba-tfr files that NVAE's data "
+                f"preparation starts from), or (b) a TFDS data directory where the CelebA-HQ archive "
+                f"{CELEBAHQ_TFDS_ARCHIVE} (made with Progressive GAN's dataset_tool) is at {manual}, so that TFDS "
+                f"builds celeb_a_hq/256 from it. TFDS said: {error}")
+    return (f"{dataset}: TFDS dataset {tfds_name} is not prepared in {where} and could not be prepared "
+            f"(run once with network access and --download, or point --data_dir at a TFDS data directory "
+            f"that has it). TFDS said: {error}")
+
+
+# GLOW TFRecords ------------------------------------------------------------------------------------------
+def _glow_files(data_dir, split):
+    return sorted(tf.io.gfile.glob(os.path.join(data_dir, split, "*.tfrecords")))
+
+
+def parse_glow_record(record):
+    """A GLOW-format example (`shape` int64[3], `data` raw uint8 bytes) -> uint8 `[h, w, c]`."""
+    example = tf.io.parse_single_example(record, GLOW_FEATURES)
+    return tf.reshape(tf.io.decode_raw(example["data"], tf.uint8), example["shape"])
+
+
+def _glow_source(config, data_dir):
+    shape = config.image_shape
+    files = {}
+    for split in ("train", "validation"):
+        files[split] = _glow_files(data_dir, split)
+        if not files[split]:
+            raise DataError(f"celebahq: GLOW TFRecords found in {os.path.join(data_dir, 'train')} but none in "
+                            f"{os.path.join(data_dir, split)} (expected {split}/*.tfrecords)")
+        first = files[split][0]
+        try:
+            record = next(iter(tf.data.TFRecordDataset(first).take(1)))
+            got = tuple(parse_glow_record(record).shape)
+        except (StopIteration, tf.errors.OpError) as e:
+            raise DataError(f"celebahq: cannot read a GLOW example from {first}: {e}") from e
+        if got != tuple(shape):
+            raise DataError(f"celebahq: {first} holds images of shape {got}, expected {tuple(shape)}")
+
+    def read(split, shard=None):
+        ds = tf.data.Dataset.from_tensor_slices(files[split])
+        if shard:
+            ds = ds.shard(*shard)
+        ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=4, num_parallel_calls=AUTOTUNE,
+                           deterministic=True)
+        return ds.map(lambda r: tf.ensure_shape(parse_glow_record(r), shape), num_parallel_calls=AUTOTUNE)
+
+    def count(split):
+        return int(tf.data.TFRecordDataset(files[split]).reduce(np.int64(0), lambda n, _: n + 1))
+
+    sizes = {split: _cached(data_dir, f"glow_count/{split}", _signature(files[split]), lambda s=split: count(s))
+             for split in files}
+    return Source("celebahq", shape, sizes, read, location=f"GLOW TFRecords in {data_dir}")
+
+
+# Folders of images -----------------------------------------------------------------------------------------
+def list_images(root):
+    """Relative paths of every PNG / JPEG / WebP image below `root`, sorted."""
+    found = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                found.append(os.path.relpath(os.path.join(folder, name), root))
+    return sorted(found)
+
+
+def find_unreadable(root, files):
+    """`{relative path: reason}` of the files that do not decode as images (one parallel pass)."""
+    paths = [os.path.join(root, f) for f in files]
+
+    def decodes(i):
+        image = tf.io.decode_image(tf.io.read_file(tf.gather(paths, i)), channels=3, expand_animations=False)
+        return i, tf.shape(image)[0]
+
+    ds = tf.data.Dataset.range(len(paths)).map(decodes, num_parallel_calls=AUTOTUNE, deterministic=False)
+    logging.info("checking that the %d images in %s decode (once; the result is kept in %s)", len(paths), root,
+                 _manifest_path(root))
+    readable = set()
+    for i, _ in ds.ignore_errors().as_numpy_iterator():
+        readable.add(int(i))
+        if len(readable) % 5000 == 0:
+            logging.info("checked %d of %d images", len(readable), len(paths))
+    bad = {}
+    for i in sorted(set(range(len(paths))) - readable):
+        try:
+            tf.io.decode_image(tf.io.read_file(paths[i]), channels=3, expand_animations=False)
+            bad[files[i]] = "unreadable"
+        except tf.errors.OpError as e:
+            bad[files[i]] = (e.message or type(e).__name__).strip().splitlines()[0]
+    return bad
+
+
+def _folder_source(config, data_dir, strict):
+    name = config.dataset
+    expected = ("the FFHQ PNG images (any layout below it, e.g. images1024x1024/00000/00000.png)" if name == "ffhq"
+                else "PNG, JPEG or WebP images (in any sub-folders; or in train/ and validation/)")
+    if not data_dir:
+        raise DataError(f"{name}: --data_dir is required: a folder with {expected}")
+    if not os.path.isdir(data_dir):
+        raise DataError(f"{name}: data_dir {data_dir} does not exist; expected a folder with {expected}")
+    files = list_images(data_dir)
+    if not files:
+        raise DataError(f"{name}: no images in {data_dir}; expected {expected}")
+    bad = _cached(data_dir, "unreadable", _signature([os.path.join(data_dir, f) for f in files]),
+                  lambda: find_unreadable(data_dir, files))
+    if bad:
+        listing = "; ".join(f"{f}: {reason}" for f, reason in sorted(bad.items())[:20])
+        more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
+        if strict:
+            raise DataError(f"{name}: {len(bad)} unreadable image(s) in {data_dir}: {listing}{more}")
+        logging.warning("%s: skipping %d unreadable image(s) in %s: %s%s", name, len(bad), data_dir, listing, more)
+    good = [f for f in files if f not in bad]
+    splits = _folder_splits(data_dir, good, config.seed, validation_fraction=0.1)
+    size, channels = config.image_size, config.image_channels
+
+    def read(split, shard=None):
+        paths = [os.path.join(data_dir, f) for f in splits[split]]
+        ds = tf.data.Dataset.from_tensor_slices(paths)
+        if shard:
+            ds = ds.shard(*shard)
+
+        def load(path):
+            image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
+            return tf.ensure_shape(center_crop_resize(image, size), (size, size, channels))
+        return ds.map(load, num_parallel_calls=AUTOTUNE)
+
+    sizes = {split: len(names) for split, names in splits.items()}
+    return Source(name, config.image_shape, sizes, read, location=data_dir, unreadable=bad)
+
+
+def _folder_splits(data_dir, files, seed, validation_fraction):
+    """train/ and validation/ sub-folders if present, else a seeded split saved in the manifest."""
+    if any(f.startswith("train" + os.sep) for f in files) and any(f.startswith("validation" + os.sep) for f in files):
+        return {split: [f for f in files if f.startswith(split + os.sep)] for split in ("train", "validation")}
+
+    def split():
+        order = np.random.default_rng(seed).permutation(len(files))
+        n_val = max(1, int(round(validation_fraction * len(files))))
+        validation = sorted(files[i] for i in order[:n_val])
+        return {"train": sorted(set(files) - set(validation)), "validation": validation}
+
+    return _cached(data_dir, f"split/seed{seed}", _signature(files, stat=False), split)
+
+
+# Built-in digits ----------------------------------------------------------------------------------------------
+DIGITS_VALIDATION = 300
+
+
+def _digits_source(config):
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise DataError("the digits dataset needs scikit-learn: pip install scikit-learn") from e
+    images = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # [1797, 8, 8, 1]
+    images = resize(tf.constant(images), config.image_size).numpy()
+    order = np.random.default_rng(config.seed).permutation(len(images))
+    parts = {"train": images[np.sort(order[DIGITS_VALIDATION:])], "validation": images[np.sort(order[:DIGITS_VALIDATION])]}
+
+    def read(split, shard=None):
+        ds = tf.data.Dataset.from_tensor_slices(parts[split])
+        return ds.shard(*shard) if shard else ds
+
+    return Source("digits", config.image_shape, {k: len(v) for k, v in parts.items()}, read, flips=False,
+                  binarize=True, location="scikit-learn digits")
+
+
+# Manifest: results of slow passes over the data, remembered beside it -------------------------------------------------
+def _signature(paths, stat=True):
+    h = hashlib.sha1()
+    for p in paths:
+        h.update(p.encode())
+        if stat:
+            st = os.stat(p)
+            h.update(f":{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()
+
+
+def _manifest_path(data_dir):
+    path = os.path.join(data_dir, MANIFEST)
+    if os.access(data_dir, os.W_OK):
+        return path
+    key = hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:16]
+    return os.path.join(os.path.expanduser("~/.cache/nvae_tf"), key + ".json")
+
+
+def _cached(data_dir, key, signature, compute):
+    """`compute()` once per (key, signature); the JSON result is kept in the data folder's manifest."""
+    path = _manifest_path(data_dir)
+    manifest = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError):
+            manifest = {}
+    entry = manifest.get(key)
+    if entry and entry.get("signature") == signature:
+        return entry["value"]
+    value = compute()
+    manifest[key] = {"signature": signature, "value": value}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(manifest, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        logging.warning("could not save %s: %s", path, e)
+    return value
+
+
+# -------------------------------------------------------------------------------------------- command line
+def _inspect(config, source, split, out, deterministic):
+    from nvae_tf.imaging import make_grid, write_png
+    print(f"dataset     {config.dataset} ({source.location})")
+    print("splits      " + ", ".join(f"{k} {v:,}" for k, v in source.sizes.items()))
+    batch_size = min(config.batch_size, source.sizes[split]) if split != "train" else config.batch_size
+    batch = next(iter(source.dataset(split, batch_size, training=split == "train", deterministic=deterministic,
+                                     seed=config.seed)))
+    x = batch.numpy()
+    print(f"batch       shape {list(x.shape)}, dtype {x.dtype}, values {x.min()}..{x.max()}, "
+          f"{len(np.unique(x))} distinct")
+    if config.decoder == "bernoulli":
+        print("model sees  binary pixels (Bernoulli likelihood)")
+    else:
+        bits = config.num_x_bits
+        print(f"model sees  {bits}-bit values ({2 ** bits} levels) after its num_x_bits reduction")
+    if out:
+        write_png(out, make_grid(x))
+        print(f"wrote       {out}")
+
+
+def main(argv):
+    from absl import flags
+
+    from nvae_tf import config as config_lib
+    fv = flags.FLAGS
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        config = config_lib.from_flags()
+        source = open_source(config, fv.data_dir, strict=fv.strict_data, download=fv.download)
+        if not fv.inspect:
+            print("splits: " + ", ".join(f"{k} {v:,}" for k, v in source.sizes.items()) + " (add --inspect)")
+            return 0
+        _inspect(config, source, fv.split, fv.out, fv.deterministic)
+    except (config_lib.ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    from nvae_tf import config as config_lib
+    config_lib.define_flags()
+    define_flags()
+    flags.DEFINE_bool("inspect", False, "Print split sizes and one batch's shape, dtype and value range.")
+    flags.DEFINE_string("out", "", "With --inspect: write the batch as a PNG grid here.")
+    flags.DEFINE_string("split", "train", "With --inspect: the split to look at.")
+    app.run(main)

@@ -1,0 +1,377 @@
+"""Input pipelines: TFDS datasets through tfds.testing.mock_data, GLOW TFRecords, image folders, digits."""
+
+import io
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from conftest import load_flagfile
+from nvae_tf import data
+from nvae_tf.config import NVAEConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config_for(dataset, **overrides):
+    values = dict(dataset=dataset, batch_size=4)
+    values.update(overrides)
+    return NVAEConfig(**values)
+
+
+def images_of(ds):
+    return np.concatenate([b.numpy() for b in ds], axis=0)
+
+
+def write_image(path, array, fmt="png"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if fmt == "png":
+        tf.io.write_file(path, tf.io.encode_png(array))
+    elif fmt == "jpeg":
+        tf.io.write_file(path, tf.io.encode_jpeg(array, quality=95))
+    else:
+        from PIL import Image
+        Image.fromarray(array.squeeze() if array.shape[-1] == 1 else array).save(path, format=fmt.upper(),
+                                                                                  lossless=True)
+
+
+# ----------------------------------------------------------------------------------------------- TFDS
+@pytest.mark.parametrize("dataset, shape", [
+    ("mnist", (32, 32, 1)), ("cifar10", (32, 32, 3)), ("celeba64", (64, 64, 3)),
+    ("imagenet32", (32, 32, 3)), ("celebahq", (256, 256, 3)),
+])
+def test_tfds_datasets_yield_uint8_batches_of_the_model_shape(dataset, shape, tmp_path):
+    with tfds.testing.mock_data(num_examples=8):
+        source = data.open_source(config_for(dataset), str(tmp_path), download=False)
+        batch = next(iter(source.dataset("train", 4, training=True))).numpy()
+        assert set(source.sizes) >= {"train", "validation"}
+        assert all(n == 8 for n in source.sizes.values())
+    assert batch.shape == (4, *shape) and batch.dtype == np.uint8
+    if dataset == "mnist":
+        assert set(np.unique(batch)) <= {0, 255}  # binary
+        assert batch[:, :2].max() == 0 and batch[:, :, -2:].max() == 0  # the 2-pixel padding stays 0
+    else:
+        assert len(np.unique(batch)) > 64  # full 8-bit data: neither binarised nor reduced to num_x_bits here
+
+
+def test_the_model_reduces_celebahq_data_to_five_bits():
+    from nvae_tf.model import NVAE
+    config = load_flagfile("celebahq")
+    x = NVAE(config).preprocess_images(np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)).numpy()
+    assert config.num_x_bits == 5 and len(np.unique(x)) == 32
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "celeba64", "imagenet32"])
+def test_flips_happen_in_training_only(dataset, tmp_path):
+    with tfds.testing.mock_data(num_examples=24):
+        source = data.open_source(config_for(dataset), str(tmp_path), download=False)
+        plain = images_of(source.dataset("train", 4, training=False))
+        again = images_of(source.dataset("train", 4, training=False))
+        train = images_of(source.dataset("train", 4, training=True, shuffle=False, deterministic=True, seed=3))
+        validation = images_of(source.dataset("validation", 4, training=False))
+        validation_again = images_of(source.dataset("validation", 4, training=False))
+    np.testing.assert_array_equal(plain, again)
+    np.testing.assert_array_equal(validation, validation_again)
+    flipped = [np.array_equal(t, p[:, ::-1]) for t, p in zip(train, plain)]
+    same = [np.array_equal(t, p) for t, p in zip(train, plain)]
+    assert all(f or s for f, s in zip(flipped, same))
+    assert 0 < sum(flipped) < len(train)
+
+
+def test_mnist_binarisation_is_drawn_anew_at_every_read_with_the_right_mean(tmp_path):
+    with tfds.testing.mock_data(num_examples=64):
+        source = data.open_source(config_for("mnist"), str(tmp_path), download=False)
+        import tensorflow_datasets as t
+        raw = np.stack([data.pad_to(ex["image"], 32).numpy() for ex in
+                        t.load("mnist", split="test", data_dir=str(tmp_path), download=False)])
+        ds = source.dataset("test", 16, training=False)
+        first, second = images_of(ds), images_of(ds)
+    assert first.shape == raw.shape
+    assert set(np.unique(first)) == {0, 255}
+    assert np.mean(first != second) > 0.1  # the test set too is re-binarised at every read
+    # Each pixel is 255 with probability intensity / 255: check the mean over 2 x 64 x 1024 draws.
+    p = raw.astype(np.float64) / 255.0
+    observed = (first.astype(np.float64) + second) / 510.0
+    se = np.sqrt(np.sum(p * (1 - p))) / p.size
+    assert abs(observed.mean() - p.mean()) < 5 * se / np.sqrt(2) + 1e-4
+    # Pixels that are 0 or 255 stay so.
+    assert np.all(first[raw == 0] == 0) and np.all(first[raw == 255] == 255)
+
+
+def test_missing_tfds_celebahq_names_the_manual_archive_and_its_place(tmp_path):
+    with pytest.raises(data.DataError) as e:
+        data.open_source(config_for("celebahq"), str(tmp_path), download=False)
+    message = str(e.value)
+    assert "data256x256.tar" in message
+    assert os.path.join(str(tmp_path), "downloads", "manual", "data256x256.tar") in message
+    assert "train/*.tfrecords" in message
+
+
+def test_missing_tfds_dataset_names_the_directory(tmp_path):
+    with pytest.raises(data.DataError, match=str(tmp_path)):
+        data.open_source(config_for("cifar10"), str(tmp_path), download=False)
+
+
+# ---------------------------------------------------------------------------------------- CelebA 64 crop
+def test_celeba64_crop_box_takes_rows_40_to_188_and_columns_15_to_163():
+    rng = np.random.default_rng(0)
+    inside = rng.integers(0, 256, (148, 148, 3), dtype=np.uint8)
+    image = rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)
+    image[40:188, 15:163] = inside
+    expected = data.resize(tf.constant(inside), 64).numpy()
+    out = data.celeba64_crop(tf.constant(image)).numpy()
+    assert out.shape == (64, 64, 3)
+    np.testing.assert_array_equal(out, expected)
+    # Pixels outside the box do not matter; the box's corner pixels do.
+    other = rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)
+    other[40:188, 15:163] = inside
+    np.testing.assert_array_equal(data.celeba64_crop(tf.constant(other)).numpy(), expected)
+    for y, x in ((40, 15), (187, 162)):
+        changed = image.copy()
+        changed[y, x] = 255 - changed[y, x]
+        assert not np.array_equal(data.celeba64_crop(tf.constant(changed)).numpy(), expected)
+
+
+def test_celeba64_pipeline_crops_a_white_box_on_black_to_white(tmp_path):
+    image = np.zeros((218, 178, 3), np.uint8)
+    image[40:188, 15:163] = 200
+    out = data.celeba64_crop(tf.constant(image)).numpy()
+    assert out.min() == 200 and out.max() == 200
+
+
+# ----------------------------------------------------------------------------------------- GLOW TFRecords
+def write_glow(path, images):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        for image in images:
+            feature = {
+                "shape": tf.train.Feature(int64_list=tf.train.Int64List(value=list(image.shape))),
+                "data": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
+            }
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+
+
+def test_glow_tfrecords_are_read_back_bit_exactly(tmp_path):
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 256, (7, 256, 256, 3), dtype=np.uint8)
+    validation = rng.integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
+    write_glow(str(tmp_path / "train" / "train-r08-s-0000-of-0002.tfrecords"), train[:4])
+    write_glow(str(tmp_path / "train" / "train-r08-s-0001-of-0002.tfrecords"), train[4:])
+    write_glow(str(tmp_path / "validation" / "validation-r08-s-0000-of-0001.tfrecords"), validation)
+    source = data.open_source(config_for("celebahq"), str(tmp_path))
+    assert source.sizes == {"train": 7, "validation": 3}
+    got = images_of(source.dataset("train", 2, training=False))
+    assert sorted(g.tobytes() for g in got) == sorted(t.tobytes() for t in train)
+    np.testing.assert_array_equal(images_of(source.dataset("validation", 3, training=False)), validation)
+    # Sharded over two input pipelines (one file each), the shards are disjoint and cover the split.
+    ctx = [tf.distribute.InputContext(2, i, 2) for i in range(2)]
+    shards = [images_of(source.dataset("train", 1, training=False, input_context=c)) for c in ctx]
+    assert sorted(s.tobytes() for shard in shards for s in shard) == sorted(t.tobytes() for t in train)
+
+
+def test_glow_tfrecords_of_the_wrong_image_size_are_refused_naming_the_file(tmp_path):
+    small = np.zeros((2, 128, 128, 3), np.uint8)
+    path = str(tmp_path / "train" / "train-r07.tfrecords")
+    write_glow(path, small)
+    write_glow(str(tmp_path / "validation" / "v.tfrecords"), small)
+    with pytest.raises(data.DataError, match=r"train-r07.tfrecords holds images of shape \(128, 128, 3\)"):
+        data.open_source(config_for("celebahq"), str(tmp_path))
+
+
+# -------------------------------------------------------------------------------------------- folders
+def make_folder(root, with_corrupt=True):
+    rng = np.random.default_rng(2)
+    made = {}
+    made["a.png"] = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    made["b.jpg"] = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    made["nested/deeper/c.png"] = rng.integers(0, 256, (40, 20, 3), dtype=np.uint8)
+    made["nested/gray.png"] = rng.integers(0, 256, (16, 16, 1), dtype=np.uint8)
+    made["d.webp"] = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    for i in range(5):
+        made[f"more/{i}.png"] = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    for name, array in made.items():
+        fmt = {"png": "png", "jpg": "jpeg", "webp": "webp"}[name.rsplit(".", 1)[1]]
+        write_image(os.path.join(root, name), array, fmt)
+    with open(os.path.join(root, "notes.txt"), "w") as f:
+        f.write("not an image")
+    if with_corrupt:
+        with open(os.path.join(root, "nested", "broken.png"), "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    return made
+
+
+def test_image_folder_reads_every_format_skips_and_reports_the_corrupt_file(tmp_path, caplog):
+    root = str(tmp_path / "images")
+    made = make_folder(root)
+    config = config_for("folder", image_size=16)
+    with caplog.at_level(logging.WARNING):
+        source = data.open_source(config, root)
+    assert source.unreadable.keys() == {os.path.join("nested", "broken.png")}
+    assert "broken.png" in caplog.text and "1 unreadable" in caplog.text
+    assert sum(source.sizes.values()) == len(made)
+    images = np.concatenate([images_of(source.dataset(s, 1, training=False)) for s in source.sizes])
+    assert images.shape == (len(made), 16, 16, 3) and images.dtype == np.uint8
+    # The 16x16 PNG comes back bit-exactly; the grayscale image is converted to three equal channels.
+    as_bytes = {i.tobytes() for i in images}
+    assert made["a.png"].tobytes() in as_bytes
+    assert np.repeat(made["nested/gray.png"], 3, axis=-1).tobytes() in as_bytes
+    assert made["d.webp"].tobytes() in as_bytes  # written lossless
+    # The scan is remembered in the manifest: a second open does not decode again.
+    calls = []
+    original = data.find_unreadable
+    data.find_unreadable = lambda *a: calls.append(a) or original(*a)
+    try:
+        again = data.open_source(config, root)
+    finally:
+        data.find_unreadable = original
+    assert not calls and again.unreadable == source.unreadable
+
+
+def test_strict_data_stops_at_the_corrupt_file(tmp_path):
+    root = str(tmp_path / "images")
+    make_folder(root)
+    with pytest.raises(data.DataError, match=r"broken\.png"):
+        data.open_source(config_for("folder", image_size=16), root, strict=True)
+
+
+def test_folder_images_are_centre_cropped_and_resized():
+    image = np.zeros((30, 50, 3), np.uint8)
+    image[:, 10:40] = 255  # the centred 30x30 square is white, the side bands black
+    out = data.center_crop_resize(tf.constant(image), 15).numpy()
+    assert out.shape == (15, 15, 3) and out.min() == 255
+
+
+def test_folder_split_is_seeded_reproducible_and_disjoint(tmp_path):
+    root = str(tmp_path / "images")
+    rng = np.random.default_rng(3)
+    for i in range(40):
+        write_image(os.path.join(root, f"{i:03d}.png"), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    config = config_for("folder", image_size=8, seed=5)
+    first = data._folder_splits(root, data.list_images(root), seed=5, validation_fraction=0.1)
+    os.remove(os.path.join(root, data.MANIFEST))
+    second = data._folder_splits(root, data.list_images(root), seed=5, validation_fraction=0.1)
+    other = data._folder_splits(root, data.list_images(root), seed=6, validation_fraction=0.1)
+    assert first == second
+    assert first["validation"] != other["validation"]
+    assert len(first["validation"]) == 4 and len(first["train"]) == 36
+    assert not set(first["train"]) & set(first["validation"])
+    assert set(first["train"]) | set(first["validation"]) == set(data.list_images(root))
+    source = data.open_source(config, root)
+    assert source.sizes == {"train": 36, "validation": 4}
+
+
+def test_ffhq_split_is_63000_to_7000_at_full_size():
+    files = [f"{i:05d}.png" for i in range(70000)]
+    import tempfile
+    with tempfile.TemporaryDirectory() as root:
+        split = data._folder_splits(root, files, seed=1, validation_fraction=0.1)
+        assert os.path.exists(os.path.join(root, data.MANIFEST))  # saved beside the data
+        assert data._folder_splits(root, files, seed=1, validation_fraction=0.1) == split
+    assert len(split["train"]) == 63000 and len(split["validation"]) == 7000
+
+
+def test_train_and_validation_subfolders_are_used_as_the_split(tmp_path):
+    root = str(tmp_path / "images")
+    rng = np.random.default_rng(4)
+    for split, n in (("train", 6), ("validation", 2)):
+        for i in range(n):
+            write_image(os.path.join(root, split, f"{i}.png"), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    source = data.open_source(config_for("folder", image_size=8), root)
+    assert source.sizes == {"train": 6, "validation": 2}
+
+
+def test_ffhq_images_are_resized_to_256(tmp_path):
+    root = str(tmp_path / "ffhq")
+    rng = np.random.default_rng(5)
+    for i in range(10):
+        write_image(os.path.join(root, "images1024x1024", f"{i:05d}.png"),
+                    rng.integers(0, 256, (300, 300, 3), dtype=np.uint8))
+    source = data.open_source(config_for("ffhq"), root)
+    assert source.sizes == {"train": 9, "validation": 1}
+    batch = next(iter(source.dataset("train", 2, training=True))).numpy()
+    assert batch.shape == (2, 256, 256, 3)
+
+
+@pytest.mark.parametrize("dataset", ["folder", "ffhq"])
+def test_missing_and_empty_data_dirs_fail_naming_the_path(dataset, tmp_path):
+    config = config_for(dataset, image_size=16) if dataset == "folder" else config_for(dataset)
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(data.DataError, match=f"{missing} does not exist"):
+        data.open_source(config, missing)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    with pytest.raises(data.DataError, match=f"no images in {empty}"):
+        data.open_source(config, str(empty))
+    with pytest.raises(data.DataError, match="--data_dir is required"):
+        data.open_source(config, "")
+
+
+def test_a_split_smaller_than_one_global_batch_is_an_error(tmp_path):
+    root = str(tmp_path / "images")
+    make_folder(root, with_corrupt=False)
+    source = data.open_source(config_for("folder", image_size=16), root)
+    with pytest.raises(data.DataError, match="fewer than one global batch"):
+        source.dataset("validation", 8, training=True)
+    with pytest.raises(data.DataError, match="no split 'test'"):
+        source.dataset("test", 1, training=False)
+
+
+# ------------------------------------------------------------------------------- digits and determinism
+def test_digits_are_real_binarised_16x16_images():
+    source = data.open_source(load_flagfile("digits"))
+    assert source.sizes == {"train": 1497, "validation": 300}
+    batch = next(iter(source.dataset("train", 32, training=True))).numpy()
+    assert batch.shape == (32, 16, 16, 1) and batch.dtype == np.uint8
+    assert set(np.unique(batch)) == {0, 255}
+    # Real handwriting: the centre of the frame is inked more often than its corners.
+    ink = images_of(source.dataset("validation", 100, training=False)).mean(axis=0)[..., 0]
+    assert ink[6:10, 6:10].mean() > 2 * ink[[0, 0, -1, -1], [0, -1, 0, -1]].mean()
+
+
+def test_training_pipeline_is_deterministic_under_a_seed_when_asked():
+    source = data.open_source(load_flagfile("digits"))
+    a = images_of(source.dataset("train", 64, training=True, deterministic=True, seed=11).take(3))
+    b = images_of(source.dataset("train", 64, training=True, deterministic=True, seed=11).take(3))
+    c = images_of(source.dataset("train", 64, training=True, deterministic=True, seed=12).take(3))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_training_batches_are_full_and_evaluation_keeps_every_image():
+    source = data.open_source(load_flagfile("digits"))
+    train = [b.shape[0] for b in source.dataset("train", 64, training=True)]
+    validation = [b.shape[0] for b in source.dataset("validation", 64, training=False)]
+    assert set(train) == {64} and len(train) == 1497 // 64
+    assert sum(validation) == 300 and validation[-1] == 300 % 64
+
+
+# ------------------------------------------------------------------------------------------- command line
+def run_data_cli(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-m", "nvae_tf.data", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_inspect_prints_the_splits_and_writes_a_grid(tmp_path):
+    out = str(tmp_path / "batch.png")
+    result = run_data_cli("--flagfile=configs/digits.flags", "--inspect", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "train 1,497, validation 300" in result.stdout
+    assert "shape [32, 16, 16, 1], dtype uint8, values 0..255" in result.stdout
+    grid = tf.io.decode_png(tf.io.read_file(out)).numpy()
+    assert grid.shape[0] > 16 * 4 and grid.shape[1] > 16 * 4
+    assert set(np.unique(grid)) <= {0, 255}
+
+
+def test_inspect_of_a_missing_folder_fails_naming_it(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    result = run_data_cli("--flagfile=configs/folder64.flags", f"--data_dir={missing}", "--inspect")
+    assert result.returncode == 2
+    assert f"data_dir {missing} does not exist" in result.stderr
