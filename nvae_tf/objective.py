@@ -53,6 +53,19 @@ def regularization_coefficient(beta, config):
     return tf.exp((1.0 - beta) * start + beta * end)
 
 
+ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+def active_units(posterior_means):
+    """Per group, the number of latent units whose posterior mean varies over the batch by more than 0.01
+    (Burda et al., 2016, estimated on one batch): `[N]`."""
+    counts = []
+    for mu in posterior_means:
+        variance = tf.math.reduce_variance(tf.cast(mu, tf.float32), axis=0)
+        counts.append(tf.reduce_sum(tf.cast(variance > ACTIVE_UNIT_THRESHOLD, tf.float32)))
+    return tf.stack(counts)
+
+
 def nvae_loss(model, out, step, num_total_steps, alpha=None):
     """The loss of one replica's batch and the metrics of its terms.
 
@@ -88,5 +101,6 @@ def nvae_loss(model, out, step, num_total_steps, alpha=None):
         "spectral_norm": spectral,
         "bn_norm": bn,
         "kl_per_group": tf.reduce_mean(kl, axis=0),
+        "active_units_per_group": active_units(out["posterior_means"]),
     }
     return loss, metrics

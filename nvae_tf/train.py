@@ -314,6 +314,8 @@ class Trainer:
                 tf.summary.scalar(f"train/{name}", values[name])
             for k, v in enumerate(values["kl_per_group"]):
                 tf.summary.scalar(f"kl_per_group/{k:02d}", v)
+            for k, v in enumerate(values["active_units_per_group"]):
+                tf.summary.scalar(f"active_units_per_group/{k:02d}", v)
             tf.summary.scalar("train/skipped_steps", int(self.skipped.numpy()))
             tf.summary.scalar("train/images_per_second", rate)
             if self.fp16:

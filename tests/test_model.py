@@ -41,8 +41,10 @@ def test_forward_terms_are_finite_with_the_documented_shapes():
     for key in ("kl", "log_q", "log_p"):
         assert out[key].shape == (3, n), key
     assert out["decoder_params"].shape == (3, *config.image_shape[:2], 10 * config.num_mixture_dec)
+    assert [tuple(m.shape) for m in out["posterior_means"]] == [(3, *shape) for shape in config.latent_shapes]
     for key, value in out.items():
-        assert np.all(np.isfinite(value.numpy())), key
+        for v in value if isinstance(value, list) else [value]:
+            assert np.all(np.isfinite(v.numpy())), key
     # A log-likelihood of discrete data is at most 0.
     assert np.all(out["recon_log_prob"].numpy() < 0)
 

@@ -82,3 +82,16 @@ def test_loss_assembles_its_terms_with_balancing_only_during_warmup():
         nelbo = np.mean(recon + kl.sum(1))
         assert float(metrics["bpd"]) == pytest.approx(nelbo / (math.log(2) * 16 * 16 * 3), rel=1e-5)
         np.testing.assert_allclose(metrics["kl_per_group"].numpy(), kl.mean(0), rtol=1e-5)
+
+
+def test_active_units_count_latents_whose_posterior_mean_varies_over_the_batch():
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(1, 2, 2, 3))
+    mu = np.repeat(base, 50, axis=0)
+    mu[:, 0, 0, 0] += rng.normal(scale=1.0, size=50)  # variance ~1: active
+    mu[:, 1, 1, 2] += rng.normal(scale=0.01, size=50)  # variance ~1e-4: inactive
+    other = rng.normal(size=(50, 1, 1, 4))  # all four active
+    counts = objective.active_units([tf.constant(mu, tf.float32), tf.constant(other, tf.float32)]).numpy()
+    expected = [np.sum(mu.var(0) > 0.01), np.sum(other.var(0) > 0.01)]
+    np.testing.assert_array_equal(counts, expected)
+    assert list(counts) == [1, 4]

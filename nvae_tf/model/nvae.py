@@ -218,6 +218,7 @@ class NVAE(keras.Model):
           kl `[batch, N]`: KL of every group, top first (analytic without flows, log q - log p with flows);
           log_q, log_p `[batch, N]`: log q(z_k|x, z<k) and log p(z_k|z<k) of the sample, for importance
             weighting;
+          posterior_means: per group, the posterior mean `[batch, h_k, w_k, nz]` (for active units);
           decoder_params `[batch, H, W, K]`: parameters of p(x|z).
         """
         return self._forward(images, training=training, noise=noise)
@@ -245,7 +246,7 @@ class NVAE(keras.Model):
         ftr = ops.elu(self.enc0(ops.elu(h)))
 
         s = self._initial_state(ops.shape(images)[0])
-        kl, log_q, log_p = [], [], []
+        kl, log_q, log_p, means = [], [], [], []
         for k, group in enumerate(self.latent_groups):
             if group.is_top:
                 q = group.normal(group.posterior_raw(s, ftr))
@@ -256,6 +257,7 @@ class NVAE(keras.Model):
                 posterior_raw = group.posterior_raw(s, features[k - 1])
                 prior = group.normal(prior_raw)
                 q = group.normal(prior_raw + posterior_raw if self.config.res_dist else posterior_raw)
+            means.append(q.mu)
             z = q.sample(noise)
             log_q.append(_sum_per_image(q.log_prob(z)))
             for flow in group.flows:
@@ -278,6 +280,7 @@ class NVAE(keras.Model):
             "kl": ops.stack(kl, axis=1),
             "log_q": ops.stack(log_q, axis=1),
             "log_p": ops.stack(log_p, axis=1),
+            "posterior_means": means,
             "decoder_params": params,
         }
 
