@@ -79,8 +79,8 @@ def make_strategy(cpu_replicas=0):
     return tf.distribute.get_strategy()
 
 
-def prepare_model_dir(model_dir, config):
-    """Save the config in `model_dir`, or check it against the saved one when resuming."""
+def prepare_model_dir(model_dir, config, write=True):
+    """Save the config in `model_dir` (`write`: the chief only), or check it against the saved one when resuming."""
     os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, "config.json")
     if os.path.exists(path):
@@ -95,7 +95,9 @@ def prepare_model_dir(model_dir, config):
         if changed:
             logging.warning("resuming with changed settings: %s", ", ".join(
                 f"{f} {saved.to_dict()[f]!r} -> {config.to_dict()[f]!r}" for f in changed))
-    config.save(path)
+    if write:
+        config.save(path + ".tmp")
+        os.replace(path + ".tmp", path)
 
 
 def is_chief(strategy):
@@ -106,6 +108,27 @@ def is_chief(strategy):
     task_type, task_id = resolver.task_type, resolver.task_id
     return task_type == "chief" or (task_type == "worker" and task_id == 0 and
                                      "chief" not in resolver.cluster_spec().as_dict())
+
+
+class ReplicaNoise:
+    """Each replica draws the noise of the whole global batch and keeps its own slice, so the posterior samples
+    of N replicas are those of one replica with the global batch (and no two replicas share noise)."""
+
+    def __init__(self, noise, replica_id, num_replicas):
+        self.noise, self.replica_id, self.num_replicas = noise, replica_id, num_replicas
+
+    def _slice(self, draw, shape, dtype):
+        if self.num_replicas == 1:
+            return draw(shape, dtype)
+        batch = shape[0]
+        full = draw((batch * self.num_replicas, *shape[1:]), dtype)
+        return full[batch * self.replica_id:batch * (self.replica_id + 1)]
+
+    def normal(self, shape, dtype="float32"):
+        return self._slice(self.noise.normal, shape, dtype)
+
+    def uniform(self, shape, dtype="float32"):
+        return self._slice(self.noise.uniform, shape, dtype)
 
 
 # ------------------------------------------------------------------------------------------------- trainer
@@ -157,7 +180,11 @@ class Trainer:
             self.optimizer = NVAEAdamax(learning_rate=lambda: self.schedule(self.step), l2=config.weight_decay)
             self.optimizer.build(self.model.trainable_variables)
 
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step,
+        # Every model variable by its path: BN statistics, power-iteration vectors and the noise generator's
+        # state live in lists that a checkpoint of the model object alone would not reach.
+        self.checkpoint = tf.train.Checkpoint(model=self.model,
+                                              model_variables={v.path: v for v in self.model.variables},
+                                              optimizer=self.optimizer, step=self.step,
                                               skipped=self.skipped, loss_scale=self.loss_scale,
                                               finite_streak=self.finite_streak)
         directory = os.path.join(model_dir, "checkpoints")
@@ -173,9 +200,13 @@ class Trainer:
         import tensorflow as tf
 
         from nvae_tf import objective
+        from nvae_tf.model.distributions import KerasNoise
         variables = self.model.trainable_variables
+        context = tf.distribute.get_replica_context()
+        noise = ReplicaNoise(KerasNoise(self.model.seed_generator), context.replica_id_in_sync_group,
+                             context.num_replicas_in_sync)
         with tf.GradientTape() as tape:
-            out = self.model(images, training=True)
+            out = self.model(images, training=True, noise=noise)
             loss, metrics = objective.nvae_loss(self.model, out, self.step, self.total_steps, self.alpha)
             scaled = loss * self.loss_scale / self.replicas
         grads = tape.gradient(scaled, variables)
@@ -325,7 +356,8 @@ class Trainer:
         import numpy as np
         import tensorflow as tf
         total, count = 0.0, 0.0
-        ds = self.source.dataset("validation", self.config.batch_size, training=False, seed=self.config.seed)
+        ds = self.source.dataset("validation", self.config.batch_size, training=False,
+                                 deterministic=self.deterministic, seed=self.config.seed)
         if self.eval_batches:
             ds = ds.take(self.eval_batches)
         for images in self.strategy.experimental_distribute_dataset(ds):
@@ -375,8 +407,8 @@ def main(argv):
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
     try:
-        prepare_model_dir(FLAGS.model_dir, config)
         strategy = make_strategy(FLAGS.cpu_replicas)
+        prepare_model_dir(FLAGS.model_dir, config, write=is_chief(strategy))
         source = data_lib.open_source(config, FLAGS.data_dir, strict=FLAGS.strict_data, download=FLAGS.download)
         trainer = Trainer(config, FLAGS.model_dir, strategy, source, precision=FLAGS.precision,
                           jit_compile=FLAGS.jit_compile, deterministic=FLAGS.deterministic,

@@ -159,7 +159,7 @@ class NVAE(keras.Model):
                                                        name=f"post_{b}_{i}"))
         head_channels = c.image_channels if c.decoder == "bernoulli" else 10 * c.num_mixture_dec
         self.head = Conv2D(head_channels, 3, name="head")
-        self.seed_generator = keras.random.SeedGenerator(c.seed)
+        self.seed_generator = keras.random.SeedGenerator(c.seed, name="nvae_noise")
 
     # ----------------------------------------------------------------------------------------------- build
     def build(self, input_shape=None):
