@@ -43,7 +43,7 @@ def measure(config_name, precision, jit, batch, steps):
     if config.decoder == "bernoulli":
         images = (images > 127).astype(np.uint8) * 255
     source = data_lib.Source(config_name, config.image_shape, {"train": len(images), "validation": len(images)},
-                             lambda split, shard=None: tf.data.Dataset.from_tensor_slices(images))
+                             lambda split, shard=None, shuffle_files=False, seed=None: tf.data.Dataset.from_tensor_slices(images))
     with tempfile.TemporaryDirectory() as model_dir:
         trainer = Trainer(config, model_dir, tf.distribute.get_strategy(), source, precision=precision,
                           jit_compile=jit)

@@ -35,6 +35,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CACHE_LIMIT_BYTES = 2 << 30  # decoded images up to this size are cached in memory
 SHUFFLE_LIMIT_BYTES = 1 << 30  # largest shuffle buffer
+UNCACHED_SHUFFLE_IMAGES = 1000  # buffer after a file-level shuffle
 MANIFEST = ".nvae_tf_manifest.json"
 CELEBA_CROP = (15, 40, 163, 188)  # (left, upper, right, lower) of the 178x218 aligned CelebA images
 GLOW_FEATURES = {"shape": tf.io.FixedLenFeature([3], tf.int64), "data": tf.io.FixedLenFeature([], tf.string)}
@@ -98,7 +99,8 @@ def binarize(image, seed):
 # ----------------------------------------------------------------------------------------------- sources
 @dataclasses.dataclass
 class Source:
-    """A dataset's splits: `read(split, shard)` yields decoded, deterministically preprocessed uint8 images."""
+    """A dataset's splits: `read(split, shard, shuffle_files, seed)` yields decoded, deterministically
+    preprocessed uint8 images, in a shuffled file order if asked."""
     name: str
     image_shape: tuple
     sizes: dict
@@ -130,13 +132,19 @@ class Source:
             replicas = input_context.num_replicas_in_sync if input_context else 1
             raise DataError(f"the {split} split of {self.name!r} ({self.location}) has {self.sizes[split]} images, "
                             f"fewer than one global batch ({batch_size} per replica x {replicas} replicas)")
-        ds = self.read(split, shard)
         image_bytes = int(np.prod(self.image_shape))
-        if cache if cache is not None else size * image_bytes <= CACHE_LIMIT_BYTES:
+        cached = cache if cache is not None else size * image_bytes <= CACHE_LIMIT_BYTES
+        shuffle = training if shuffle is None else shuffle
+        shuffle_seed = seed if deterministic else None
+        # Uncached data is shuffled at the file level before decoding (cheap and complete) and then only
+        # lightly; cached data is shuffled in memory after the cache.
+        ds = self.read(split, shard, shuffle and not cached, shuffle_seed)
+        if cached:
             ds = ds.cache()
-        if training if shuffle is None else shuffle:
-            buffer = int(max(1, min(size, SHUFFLE_LIMIT_BYTES // image_bytes)))
-            ds = ds.shuffle(buffer, seed=seed if deterministic else None, reshuffle_each_iteration=True)
+        if shuffle:
+            limit = SHUFFLE_LIMIT_BYTES if cached else UNCACHED_SHUFFLE_IMAGES * image_bytes
+            buffer = int(max(1, min(size, limit // image_bytes)))
+            ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
         flips = training and self.flips
         if flips or self.binarize:
             randoms = tf.data.Dataset.random(seed=seed if deterministic else None, rerandomize_each_iteration=True)
@@ -196,12 +204,13 @@ def _tfds_source(config, data_dir, download):
         prep = lambda x: x  # noqa: E731
     shape = config.image_shape
 
-    def load(split, shard=None):
+    def load(split, shard=None, shuffle_files=False, seed=None):
         tfds_split = splits[split]
         if shard:
             tfds_split = tfds.even_splits(tfds_split, shard[0])[shard[1]]
         try:
-            ds = tfds.load(tfds_name, split=tfds_split, shuffle_files=False, **kwargs)
+            ds = tfds.load(tfds_name, split=tfds_split, shuffle_files=shuffle_files,
+                           read_config=tfds.ReadConfig(shuffle_seed=seed), **kwargs)
         except (AssertionError, tfds.core.registered.DatasetNotFoundError, OSError) as e:
             raise DataError(_tfds_missing_message(config.dataset, tfds_name, data_dir, e)) from e
         return ds.map(lambda ex: tf.ensure_shape(prep(ex["image"]), shape), num_parallel_calls=AUTOTUNE)
@@ -257,10 +266,12 @@ def _glow_source(config, data_dir):
         if got != tuple(shape):
             raise DataError(f"celebahq: {first} holds images of shape {got}, expected {tuple(shape)}")
 
-    def read(split, shard=None):
+    def read(split, shard=None, shuffle_files=False, seed=None):
         ds = tf.data.Dataset.from_tensor_slices(files[split])
         if shard:
             ds = ds.shard(*shard)
+        if shuffle_files:
+            ds = ds.shuffle(len(files[split]), seed=seed, reshuffle_each_iteration=True)
         ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=4, num_parallel_calls=AUTOTUNE,
                            deterministic=True)
         return ds.map(lambda r: tf.ensure_shape(parse_glow_record(r), shape), num_parallel_calls=AUTOTUNE)
@@ -334,11 +345,13 @@ def _folder_source(config, data_dir, strict):
     splits = _folder_splits(data_dir, good, config.seed, validation_fraction=0.1)
     size, channels = config.image_size, config.image_channels
 
-    def read(split, shard=None):
+    def read(split, shard=None, shuffle_files=False, seed=None):
         paths = [os.path.join(data_dir, f) for f in splits[split]]
         ds = tf.data.Dataset.from_tensor_slices(paths)
         if shard:
             ds = ds.shard(*shard)
+        if shuffle_files:
+            ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
 
         def load(path):
             image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
@@ -377,7 +390,7 @@ def _digits_source(config):
     order = np.random.default_rng(config.seed).permutation(len(images))
     parts = {"train": images[np.sort(order[DIGITS_VALIDATION:])], "validation": images[np.sort(order[:DIGITS_VALIDATION])]}
 
-    def read(split, shard=None):
+    def read(split, shard=None, shuffle_files=False, seed=None):
         ds = tf.data.Dataset.from_tensor_slices(parts[split])
         return ds.shard(*shard) if shard else ds
 

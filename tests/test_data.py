@@ -375,3 +375,21 @@ def test_inspect_of_a_missing_folder_fails_naming_it(tmp_path):
     result = run_data_cli("--flagfile=configs/folder64.flags", f"--data_dir={missing}", "--inspect")
     assert result.returncode == 2
     assert f"data_dir {missing} does not exist" in result.stderr
+
+
+def test_uncached_training_data_is_shuffled_at_the_file_level(tmp_path, monkeypatch):
+    """Without the in-memory cache the file list is shuffled before decoding. With the buffer after decoding
+    reduced to one image, any shuffling seen must come from the file level."""
+    monkeypatch.setattr(data, "UNCACHED_SHUFFLE_IMAGES", 1)
+    root = str(tmp_path / "images")
+    for i in range(60):
+        write_image(os.path.join(root, f"{i:03d}.png"), np.full((8, 8, 3), i, np.uint8))
+    source = data.open_source(config_for("folder", image_size=8, seed=7), root)
+    in_order = images_of(source.dataset("train", 1, training=False, cache=False))[:, 0, 0, 0]
+    assert np.array_equal(in_order, np.sort(in_order))
+    orders = [images_of(source.dataset("train", 6, training=True, cache=False, deterministic=True, seed=s))[:, 0, 0, 0]
+              for s in (1, 2)]
+    for order in orders:
+        assert sorted(order.tolist()) == sorted(in_order.tolist())  # a permutation of every image
+        assert not np.array_equal(order, in_order)
+    assert not np.array_equal(orders[0], orders[1])
