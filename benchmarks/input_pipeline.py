@@ -85,14 +85,8 @@ def silence():
 
 
 def load_flagfile(name, **overrides):
-    """An NVAEConfig from configs/<name>.flags with field overrides (as tests/conftest.py does)."""
-    from absl import flags
-    fv = flags.FlagValues()
-    config_lib.define_flags(fv)
-    fv(["benchmark", f"--flagfile={os.path.join(CONFIGS, name + '.flags')}"])
-    values = config_lib.from_flags(fv).to_dict()
-    values.update(overrides)
-    return config_lib.NVAEConfig(**values)
+    """An NVAEConfig from configs/<name>.flags with field overrides."""
+    return config_lib.from_flagfile(os.path.join(CONFIGS, name + ".flags"), **overrides)
 
 
 # ------------------------------------------------------------------------------------------ local data
@@ -139,27 +133,14 @@ def make_ffhq(root, n, side):
     return f"{n} PNG {side}x{side}", nbytes
 
 
-def write_glow(path, images):
-    """GLOW's format: `shape` int64[3], `data` raw uint8 bytes (and a `label`), as in tests/test_data.py."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tf.io.TFRecordWriter(path) as writer:
-        for image in images:
-            feature = {
-                "shape": tf.train.Feature(int64_list=tf.train.Int64List(value=list(image.shape))),
-                "data": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
-                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
-            }
-            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
-
-
 def make_glow(root, n_train, n_files, n_validation=32):
     rng = np.random.default_rng(3)
     per_file = n_train // n_files
     for f in range(n_files):
         images = rng.integers(0, 256, (per_file, 256, 256, 3), dtype=np.uint8)
-        write_glow(os.path.join(root, "train", f"train-r08-s-{f:04d}-of-{n_files:04d}.tfrecords"), images)
+        data.write_glow_records(os.path.join(root, "train", f"train-r08-s-{f:04d}-of-{n_files:04d}.tfrecords"), images)
     images = rng.integers(0, 256, (n_validation, 256, 256, 3), dtype=np.uint8)
-    write_glow(os.path.join(root, "validation", "validation-r08-s-0000-of-0001.tfrecords"), images)
+    data.write_glow_records(os.path.join(root, "validation", "validation-r08-s-0000-of-0001.tfrecords"), images)
     nbytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
     return f"GLOW TFRecords, {per_file * n_files} in {n_files} files", nbytes
 
@@ -415,10 +396,11 @@ def main(argv=None):
                         row.open_seconds = time.perf_counter() - t
                         time_pipeline(row, source, config.batch_size, pipe_seconds)
                 if name in ("ffhq", "celebahq"):
-                    buffer = data.SHUFFLE_LIMIT_BYTES // int(np.prod(row.shape))
+                    buffer = data.UNCACHED_SHUFFLE_IMAGES
                     full = {"ffhq": 63000, "celebahq": 27000}[name]
-                    notes.append(f"{name} at full size ({full:,} train images, not cached): each epoch starts by "
-                                 f"filling a {buffer:,}-image shuffle buffer, ~{buffer / row.steady:.0f} s at the "
+                    notes.append(f"{name} at full size ({full:,} train images, not cached, shuffled by file): each "
+                                 f"epoch starts by filling a {buffer:,}-image shuffle buffer, "
+                                 f"~{buffer / row.steady:.0f} s at the "
                                  f"steady rate here before the first batch; an epoch takes "
                                  f"~{duration(full / row.steady)} of pipeline time")
                 if name in step_rows:

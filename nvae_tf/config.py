@@ -239,3 +239,13 @@ def from_flags(flag_values=None):
     fv = flag_values if flag_values is not None else flags.FLAGS
     return NVAEConfig(**{f.name: fv[f.name].value for f in dataclasses.fields(NVAEConfig)})
 
+
+def from_flagfile(path, **overrides):
+    """The config of an absl flagfile (e.g. `configs/cifar10.flags`), with field overrides."""
+    from absl import flags
+    fv = flags.FlagValues()
+    define_flags(fv)
+    fv(["nvae_tf", f"--flagfile={path}"])
+    values = from_flags(fv).to_dict()
+    values.update(overrides)
+    return NVAEConfig(**values)

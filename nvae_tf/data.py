@@ -249,6 +249,20 @@ def parse_glow_record(record):
     return tf.reshape(tf.io.decode_raw(example["data"], tf.uint8), example["shape"])
 
 
+def write_glow_records(path, images):
+    """Write uint8 images `[n, h, w, c]` as GLOW-format TFRecords (the inverse of `parse_glow_record`)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        for image in images:
+            image = np.asarray(image, np.uint8)
+            feature = {
+                "shape": tf.train.Feature(int64_list=tf.train.Int64List(value=list(image.shape))),
+                "data": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
+            }
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+
+
 def _glow_source(config, data_dir):
     shape = config.image_shape
     files = {}

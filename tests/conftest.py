@@ -11,15 +11,8 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def load_flagfile(name, **overrides):
     """An NVAEConfig from `configs/<name>.flags` with optional field overrides."""
-    from absl import flags
-
-    from nvae_tf import config as config_lib
-    fv = flags.FlagValues()
-    config_lib.define_flags(fv)
-    fv(["test", f"--flagfile={os.path.join(CONFIGS, name + '.flags')}"])
-    values = config_lib.from_flags(fv).to_dict()
-    values.update(overrides)
-    return config_lib.NVAEConfig(**values)
+    from nvae_tf.config import from_flagfile
+    return from_flagfile(os.path.join(CONFIGS, name + ".flags"), **overrides)
 
 
 @pytest.fixture(autouse=True)

@@ -145,25 +145,13 @@ def test_celeba64_pipeline_crops_a_white_box_on_black_to_white(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- GLOW TFRecords
-def write_glow(path, images):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tf.io.TFRecordWriter(path) as writer:
-        for image in images:
-            feature = {
-                "shape": tf.train.Feature(int64_list=tf.train.Int64List(value=list(image.shape))),
-                "data": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
-                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
-            }
-            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
-
-
 def test_glow_tfrecords_are_read_back_bit_exactly(tmp_path):
     rng = np.random.default_rng(1)
     train = rng.integers(0, 256, (7, 256, 256, 3), dtype=np.uint8)
     validation = rng.integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
-    write_glow(str(tmp_path / "train" / "train-r08-s-0000-of-0002.tfrecords"), train[:4])
-    write_glow(str(tmp_path / "train" / "train-r08-s-0001-of-0002.tfrecords"), train[4:])
-    write_glow(str(tmp_path / "validation" / "validation-r08-s-0000-of-0001.tfrecords"), validation)
+    data.write_glow_records(str(tmp_path / "train" / "train-r08-s-0000-of-0002.tfrecords"), train[:4])
+    data.write_glow_records(str(tmp_path / "train" / "train-r08-s-0001-of-0002.tfrecords"), train[4:])
+    data.write_glow_records(str(tmp_path / "validation" / "validation-r08-s-0000-of-0001.tfrecords"), validation)
     source = data.open_source(config_for("celebahq"), str(tmp_path))
     assert source.sizes == {"train": 7, "validation": 3}
     got = images_of(source.dataset("train", 2, training=False))
@@ -178,8 +166,8 @@ def test_glow_tfrecords_are_read_back_bit_exactly(tmp_path):
 def test_glow_tfrecords_of_the_wrong_image_size_are_refused_naming_the_file(tmp_path):
     small = np.zeros((2, 128, 128, 3), np.uint8)
     path = str(tmp_path / "train" / "train-r07.tfrecords")
-    write_glow(path, small)
-    write_glow(str(tmp_path / "validation" / "v.tfrecords"), small)
+    data.write_glow_records(path, small)
+    data.write_glow_records(str(tmp_path / "validation" / "v.tfrecords"), small)
     with pytest.raises(data.DataError, match=r"train-r07.tfrecords holds images of shape \(128, 128, 3\)"):
         data.open_source(config_for("celebahq"), str(tmp_path))
 
