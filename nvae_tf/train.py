@@ -66,10 +66,11 @@ def make_strategy(cpu_replicas=0):
     import tensorflow as tf
     tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
     workers = sum(len(v) for k, v in tf_config.get("cluster", {}).items() if k in ("worker", "chief"))
-    if workers > 1 or os.environ.get("SLURM_STEP_NUM_TASKS", "1") not in ("", "1") and "SLURM_JOB_ID" in os.environ:
-        resolver = None
-        if not tf_config and "SLURM_JOB_ID" in os.environ:
-            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
+    if workers > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    slurm_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or 1)
+    if not tf_config and "SLURM_JOB_ID" in os.environ and slurm_tasks > 1:
+        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
@@ -363,7 +364,6 @@ class Trainer:
         for images in self.strategy.experimental_distribute_dataset(ds):
             t, c = self._eval_step(images)
             total, count = total + float(t), count + float(c)
-        first = next(iter(ds), None)
         bpd = total / max(count, 1.0) / (math.log(2.0) * self.config.data_dims)
         logging.info("epoch %d done at step %d: validation bpd %.4f (negative ELBO, %d images)", epoch + 1, step,
                      bpd, int(count))
@@ -372,6 +372,7 @@ class Trainer:
         with self.writer.as_default(step=step):
             tf.summary.scalar("validation/bpd", bpd)
             n = self.num_summary_images
+            first = next(iter(ds), None)
             if first is not None:
                 x = first[:n]
                 out = self.model(x, training=False)
