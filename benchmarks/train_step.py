@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                 # tiny, digits, cifar10 x float32/mixed_bfloat16 x XLA off/on
     python benchmarks/train_step.py --quick         # tiny and digits only, no XLA
     python benchmarks/train_step.py --configs=digits --precisions=float32 --jit=off --batch=16 --steps=20
+    python benchmarks/train_step.py --configs=digits --precisions=float32 --jit=off --remat=off,on --batch=256
 
 Each measurement runs in its own process (so peak memory is its own): it builds the run's `Trainer` (model,
 NVAE's Adamax, the full objective with spectral and BN regularisation) on synthetic uint8 images of the
@@ -23,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BATCH = {"tiny": 8, "digits": 32, "cifar10": 2}
 
 
-def measure(config_name, precision, jit, batch, steps):
+def measure(config_name, precision, jit, batch, steps, remat=False):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, ROOT)
     import numpy as np
@@ -46,7 +47,7 @@ def measure(config_name, precision, jit, batch, steps):
                              lambda split, shard=None, shuffle_files=False, seed=None: tf.data.Dataset.from_tensor_slices(images))
     with tempfile.TemporaryDirectory() as model_dir:
         trainer = Trainer(config, model_dir, tf.distribute.get_strategy(), source, precision=precision,
-                          jit_compile=jit)
+                          jit_compile=jit, remat=remat)
         batches = [b for b in source.dataset("train", batch, training=True)]
         start = time.perf_counter()
         trainer._train_step(batches[0])
@@ -65,7 +66,8 @@ def measure(config_name, precision, jit, batch, steps):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         where = "CPU RSS"
     params = int(sum(np.prod(w.shape) for w in trainer.model.trainable_weights))
-    return {"config": config_name, "precision": precision, "jit": jit, "batch": batch, "params": params,
+    return {"config": config_name, "precision": precision, "jit": jit, "remat": remat, "batch": batch,
+            "params": params,
             "trace_s": trace, "step_ms": 1000 * elapsed / steps, "images_per_s": batch * steps / elapsed,
             "peak_mib": peak, "memory": where, "finite": bool(np.isfinite(float(metrics["loss"])))}
 
@@ -75,6 +77,7 @@ def main():
     parser.add_argument("--configs", default="tiny,digits,cifar10")
     parser.add_argument("--precisions", default="float32,mixed_bfloat16")
     parser.add_argument("--jit", default="off,on", help="off, on, or off,on")
+    parser.add_argument("--remat", default="off", help="off, on, or off,on (gradient checkpointing per cell)")
     parser.add_argument("--batch", type=int, default=0, help="images per step (default: per config)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="tiny and digits, float32 and bf16, no XLA, 5 steps")
@@ -88,10 +91,10 @@ def main():
     rows = []
     for name in args.configs.split(","):
         for precision in args.precisions.split(","):
-            for jit in args.jit.split(","):
-                job = {"config_name": name, "precision": precision, "jit": jit == "on",
+            for jit, remat in [(j, r) for j in args.jit.split(",") for r in args.remat.split(",")]:
+                job = {"config_name": name, "precision": precision, "jit": jit == "on", "remat": remat == "on",
                        "batch": args.batch or DEFAULT_BATCH.get(name, 4), "steps": args.steps}
-                print(f"measuring {name} {precision} jit={jit} ...", file=sys.stderr, flush=True)
+                print(f"measuring {name} {precision} jit={jit} remat={remat} ...", file=sys.stderr, flush=True)
                 result = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True,
                                         text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
                 if result.returncode:
@@ -99,16 +102,18 @@ def main():
                     rows.append({**job, "config": name, "error": f"exit {result.returncode}"})
                     continue
                 rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    header = f"{'config':<8} {'params':>12} {'precision':<15} {'XLA':<4} {'batch':>5} {'trace s':>8} " \
+    header = f"{'config':<8} {'params':>12} {'precision':<15} {'XLA':<4} {'remat':<5} {'batch':>5} {'trace s':>8} " \
              f"{'step ms':>9} {'images/s':>9} {'peak MiB':>9} {'memory':<8} finite"
     print(header)
     print("-" * len(header))
     for r in rows:
         if "error" in r:
-            print(f"{r['config']:<8} {'':>12} {r['precision']:<15} {'on' if r['jit'] else 'off':<4} {r['batch']:>5} "
+            print(f"{r['config']:<8} {'':>12} {r['precision']:<15} {'on' if r['jit'] else 'off':<4} "
+                  f"{'on' if r['remat'] else 'off':<5} {r['batch']:>5} "
                   f"{r['error']}")
             continue
         print(f"{r['config']:<8} {r['params']:>12,} {r['precision']:<15} {'on' if r['jit'] else 'off':<4} "
+              f"{'on' if r['remat'] else 'off':<5} "
               f"{r['batch']:>5} {r['trace_s']:>8.1f} {r['step_ms']:>9.1f} {r['images_per_s']:>9.1f} "
               f"{r['peak_mib']:>9.0f} {r['memory']:<8} {r['finite']}")
 

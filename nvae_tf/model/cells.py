@@ -11,6 +11,7 @@ reference model (the paper does not mention it); SE is applied only with `use_se
 """
 
 import keras
+from keras import ops
 
 from nvae_tf.model.ops import (Conv2D, FactorizedReduce, SqueezeExcitation, channels_shape, swish,
                                upsample_bilinear_aligned, upsample_nearest)
@@ -18,10 +19,32 @@ from nvae_tf.model.ops import (Conv2D, FactorizedReduce, SqueezeExcitation, chan
 RESIDUAL_SCALE = 0.1
 
 
+class BatchNorm(keras.layers.BatchNormalization):
+    """Keras BatchNormalization whose running-statistics update can be switched off.
+
+    With `update_statistics = False` a training call still normalises with the batch statistics but leaves the
+    running statistics alone. A rematerialised cell runs its forward pass a second time to compute gradients;
+    that second pass must not update the running statistics again.
+    """
+
+    update_statistics = True
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable) or self.update_statistics:
+            return super().call(inputs, training=training, mask=mask)
+        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        mean, variance = self._moments(x, mask)
+        gamma = ops.cast(self.gamma, x.dtype) if self.scale else None
+        beta = ops.cast(self.beta, x.dtype) if self.center else None
+        y = ops.batch_normalization(x, mean, variance, axis=self.axis, offset=beta, scale=gamma,
+                                    epsilon=self.epsilon)
+        return ops.cast(y, self.compute_dtype)
+
+
 def batch_norm(name=None):
     """BatchNormalization as NVAE uses it: running <- 0.95 running + 0.05 batch, statistics over the global
     batch when replicated."""
-    return keras.layers.BatchNormalization(momentum=0.95, epsilon=1e-5, synchronized=True, name=name)
+    return BatchNorm(momentum=0.95, epsilon=1e-5, synchronized=True, name=name)
 
 
 class BNSwishConv(keras.layers.Layer):

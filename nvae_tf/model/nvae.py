@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from nvae_tf.model.cells import EncoderCell, GenerativeCell
+from nvae_tf.model.cells import BatchNorm, EncoderCell, GenerativeCell
 from nvae_tf.model.distributions import Bernoulli, DiscretizedMixtureOfLogistics, KerasNoise, Normal
 from nvae_tf.model.flows import ARFlowCell
 from nvae_tf.model.ops import Conv2D, channels_shape
@@ -67,9 +67,9 @@ class LatentGroup(keras.layers.Layer):
             flow.build()
         self.decoder_combiner.build(channels_shape(self.decoder_channels + self.latent_channels))
 
-    def run_cells(self, s, training=False):
+    def run_cells(self, s, training=False, run=None):
         for cell in self.cells:
-            s = cell(s, training=training)
+            s = run(cell, s, training) if run else cell(s, training=training)
         return s
 
     def prior_raw(self, s):
@@ -98,10 +98,11 @@ class NVAE(keras.Model):
     `config.num_x_bits` bits and maps them to [-1, 1] itself.
     """
 
-    def __init__(self, config, **kwargs):
+    def __init__(self, config, remat=False, **kwargs):
         kwargs.setdefault("name", "nvae")
         super().__init__(**kwargs)
         self.config = config
+        self.remat = bool(remat)
         c = config
         P, L = c.num_preprocess_blocks, c.num_latent_scales
         groups = c.groups_per_scale
@@ -224,7 +225,7 @@ class NVAE(keras.Model):
         return self._forward(images, training=training, noise=noise)
 
     def get_config(self):
-        return {"name": self.name, "config": self.config.to_dict()}
+        return {"name": self.name, "config": self.config.to_dict(), "remat": self.remat}
 
     @classmethod
     def from_config(cls, config):
@@ -236,10 +237,10 @@ class NVAE(keras.Model):
         x = self.preprocess_images(images)
         h = self.stem(2.0 * x - 1.0)
         for cell in self.preprocess:
-            h = cell(h, training=training)
+            h = self._run_cell(cell, h, training)
         features = []
         for cell, record in zip(self.encoder_tower, self._record_after):
-            h = cell(h, training=training)
+            h = self._run_cell(cell, h, training)
             if record:
                 features.append(h)
         features.reverse()
@@ -252,7 +253,7 @@ class NVAE(keras.Model):
                 q = group.normal(group.posterior_raw(s, ftr))
                 prior = Normal.from_raw(ops.zeros_like(q.mu), ops.zeros_like(q.mu))
             else:
-                s = group.run_cells(s, training=training)
+                s = group.run_cells(s, training, self._run_cell)
                 prior_raw = group.prior_raw(s)
                 posterior_raw = group.posterior_raw(s, features[k - 1])
                 prior = group.normal(prior_raw)
@@ -266,7 +267,7 @@ class NVAE(keras.Model):
             kl.append(log_q[-1] - log_p[-1] if group.flows else _sum_per_image(q.kl(prior)))
             s = group.combine(s, z)
             if k in self._up_after:
-                s = self.decoder_up_cells[self._up_after[k]](s, training=training)
+                s = self._run_cell(self.decoder_up_cells[self._up_after[k]], s, training)
 
         params = self._decode(s, training=training)
         crop = self.config.likelihood_crop
@@ -284,12 +285,34 @@ class NVAE(keras.Model):
             "decoder_params": params,
         }
 
+    def _run_cell(self, cell, x, training):
+        """`cell(x)`; with `remat` in training, the cell's activations are not kept for the gradient but
+        recomputed from `x` during back-propagation (gradient checkpointing per cell)."""
+        if not (self.remat and training):
+            return cell(x, training=training)
+        norms = [layer for layer in cell._flatten_layers() if isinstance(layer, BatchNorm)]
+        passes = []
+
+        def forward(h):
+            # The first pass updates the BN running statistics; the recomputation must not do it again.
+            recomputing = bool(passes)
+            passes.append(None)
+            for bn in norms:
+                bn.update_statistics = not recomputing
+            try:
+                return cell(h, training=True)
+            finally:
+                for bn in norms:
+                    bn.update_statistics = True
+
+        return keras.remat(forward)(x)
+
     def _initial_state(self, batch):
         return ops.broadcast_to(self.prior_ftr0[None], (batch, *self.prior_ftr0.shape))
 
     def _decode(self, s, training=False):
         for cell in self.postprocess:
-            s = cell(s, training=training)
+            s = self._run_cell(cell, s, training)
         return ops.cast(self.head(ops.elu(s)), "float32")
 
     def output_distribution(self, params):
@@ -325,11 +348,11 @@ class NVAE(keras.Model):
                 zeros = ops.zeros(top_shape, "float32")
                 prior = Normal.from_raw(zeros, zeros, temperature)
             else:
-                s = group.run_cells(s, training=training)
+                s = group.run_cells(s, training, self._run_cell)
                 prior = group.normal(group.prior_raw(s), temperature)
             s = group.combine(s, prior.sample(noise))
             if k in self._up_after:
-                s = self.decoder_up_cells[self._up_after[k]](s, training=training)
+                s = self._run_cell(self.decoder_up_cells[self._up_after[k]], s, training)
         return self.decode_pixels(self._decode(s, training=training), mode=mode, noise=noise)
 
     # ----------------------------------------------------------------------------------- regularisation
