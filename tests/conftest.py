@@ -20,3 +20,65 @@ def _seed():
     keras.utils.set_random_seed(1234)
     np.random.seed(1234)
     yield
+
+
+# ------------------------------------------------------------------------ a trained run (evaluate, sample)
+# The small digits NVAE of test_train.py (its SMALL) with one pair of flows, so that log q includes them.
+TINY_RUN = dict(num_channels_enc=4, num_channels_dec=4, num_latent_scales=1, num_groups_per_scale=1,
+                min_groups_per_scale=1, num_preprocess_cells=1, num_postprocess_cells=1, num_latent_per_group=2,
+                num_nf=1, batch_size=8, epochs=2)
+TINY_RUN_STEPS = 150
+TINY_RUN_CHECKPOINTS = (100, 150)  # checkpoint_every=100, and the final one
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A run directory as `python -m nvae_tf.train` leaves it (config.json, checkpoints/ckpt-100 and ckpt-150,
+    TensorBoard logs), trained in this process for 150 steps of 8 images (about 15 s on 2 cores).
+
+    Shared by test_evaluate.py and test_sample.py; tests must not write into it (copy it first)."""
+    import types
+
+    import tensorflow as tf
+
+    from nvae_tf import data as data_lib
+    from nvae_tf.train import Trainer, prepare_model_dir
+    config = load_flagfile("digits", **TINY_RUN)
+    model_dir = str(tmp_path_factory.mktemp("trained_run") / "run")
+    prepare_model_dir(model_dir, config)
+    trainer = Trainer(config, model_dir, tf.distribute.get_strategy(), data_lib.open_source(config),
+                      checkpoint_every=TINY_RUN_CHECKPOINTS[0], log_every=50, eval_batches=2, num_summary_images=2)
+    step = trainer.train(max_steps=TINY_RUN_STEPS)
+    assert step == TINY_RUN_STEPS
+    checkpoints = sorted(os.path.basename(p) for p in trainer.manager.checkpoints)
+    assert checkpoints == [f"ckpt-{s}" for s in TINY_RUN_CHECKPOINTS], checkpoints
+    return types.SimpleNamespace(model_dir=model_dir, config=config, steps=step, checkpoints=TINY_RUN_CHECKPOINTS)
+
+
+def child_env():
+    """The environment of a command-line subprocess: no cluster settings, quiet TensorFlow."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG" and not k.startswith("SLURM_")}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_side_by_side(module, commands, workers=2, timeout=240):
+    """{name: result (rc, stdout, stderr)} of `python -m <module> <args>` for {name: args}, `workers` at a time
+    (one per core: more TensorFlow processes than cores slow each other down far more than they gain)."""
+    import subprocess
+    import sys
+    import types
+    from concurrent.futures import ThreadPoolExecutor
+    root = os.path.dirname(CONFIGS)
+
+    def one(args):
+        try:
+            r = subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=child_env(),
+                               capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            return types.SimpleNamespace(rc=None, stdout=e.stdout or "", stderr=f"timed out after {timeout} s")
+        return types.SimpleNamespace(rc=r.returncode, stdout=r.stdout, stderr=r.stderr)
+
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {name: pool.submit(one, args) for name, args in commands.items()}
+        return {name: f.result() for name, f in futures.items()}

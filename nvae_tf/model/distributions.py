@@ -150,7 +150,10 @@ class DiscretizedMixtureOfLogistics:
         """Draw pixels in [0, 1] (temperature 1 in pixel space)."""
         shape = ops.shape(self.logits)
         gumbel = -ops.log(-ops.log(noise.uniform(shape)))
-        select = ops.one_hot(ops.argmax(self.logits + gumbel, axis=-1), self.num_mixtures)[..., None, :]
+        # Gumbel-max: the component with the largest perturbed logit (ties have probability 0). A comparison
+        # with the max instead of argmax keeps the sampler to builtin TFLite ops.
+        perturbed = self.logits + gumbel
+        select = ops.cast(perturbed >= ops.max(perturbed, axis=-1, keepdims=True), "float32")[..., None, :]
         means = ops.sum(self.means * select, axis=-1)  # [b, h, w, 3]
         log_scales = ops.sum(self.log_scales * select, axis=-1)
         coeffs = ops.sum(self.coeffs * select, axis=-1)

@@ -202,6 +202,13 @@ class NVAE(keras.Model):
         return [layer for layer in self._flatten_layers(include_self=False)
                 if isinstance(layer, keras.layers.BatchNormalization)]
 
+    @property
+    def sampling_batchnorm_layers(self):
+        """The BatchNorm layers that `sample()` runs through (the generative side: no encoder)."""
+        blocks = [*self.latent_groups, *self.decoder_up_cells, *self.postprocess]
+        return [layer for block in blocks for layer in block._flatten_layers(include_self=True)
+                if isinstance(layer, keras.layers.BatchNormalization)]
+
     # ------------------------------------------------------------------------------------------ forward
     def preprocess_images(self, images):
         """uint8 images -> float32 in [0, 1] on the grid of `2**num_x_bits` levels."""

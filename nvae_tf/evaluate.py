@@ -1,0 +1,245 @@
+"""`python -m nvae_tf.evaluate --model_dir=runs/X`: importance-weighted negative log-likelihood of a split.
+
+For every image x, with K posterior samples z_k ~ q(z|x):
+
+    log p(x) ~= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x) = logsumexp_k w_k - log K,
+    w_k = log p(x|z_k) + sum_groups log p(z_k) - sum_groups log q(z_k|x)      (log q includes the flows)
+
+The bound tightens as K grows (K = 1 is the ELBO of one sample). Samples are drawn in chunks of several per
+forward pass (each image tiled `chunk` times) and folded into a running log-sum-exp in float64, so K can be
+1000 without holding K weights or losing precision under mixed precision. The result, -log p(x) averaged over
+the split, is printed in nats and bits/dim, written to `model_dir/eval_<split>.json` and to TensorBoard.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+from nvae_tf import data as data_lib
+from nvae_tf import runs
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("model_dir", None, "Run directory written by nvae_tf.train.")
+    flags.DEFINE_string("checkpoint", None, "Checkpoint prefix or step number (default: the latest).")
+    flags.DEFINE_string("split", "validation", "Split to evaluate: validation or test (if the dataset has one).")
+    flags.DEFINE_integer("num_iw_samples", 1000, "Importance samples K per image.")
+    flags.DEFINE_integer("batch_size", 0, "Images per batch and replica (default: the run's batch_size).")
+    flags.DEFINE_integer("forward_batch", 0, "Images per forward pass and replica, i.e. batch_size x samples "
+                         "per pass (default: 4 x batch_size; lower it if memory runs out).")
+    flags.DEFINE_integer("max_images", 0, "Evaluate only the first N images of the split (0: all).")
+    flags.DEFINE_integer("seed", 0, "Seed of the importance samples.")
+    flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+                      "Compute precision of the model (the log-sum-exp is float64 regardless).")
+    flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into this many logical devices (testing).")
+    data_lib.define_flags()
+
+
+# ------------------------------------------------------------------------------------- importance weighting
+def log_weights(out):
+    """Per-sample log importance weights `[batch]` (float64) from the model's forward terms."""
+    import tensorflow as tf
+    recon = tf.cast(out["recon_log_prob"], tf.float64)
+    log_p = tf.reduce_sum(tf.cast(out["log_p"], tf.float64), axis=1)
+    log_q = tf.reduce_sum(tf.cast(out["log_q"], tf.float64), axis=1)
+    return recon + log_p - log_q
+
+
+def importance_weighted_log_likelihood(sample_log_weights, num_samples, chunk, batch):
+    """log p(x) ~= logsumexp_k w_k - log K for a batch of `batch` items, K = `num_samples`.
+
+    `sample_log_weights()` returns the log weights of `chunk` fresh samples per item, `[chunk, batch]`; it is
+    called ceil(K / chunk) times and the weights are folded into a running (max, scaled sum) pair in float64.
+    Samples beyond K in the last chunk are masked out. Returns `[batch]` float64.
+    """
+    import tensorflow as tf
+    if num_samples < 1 or chunk < 1:
+        raise ValueError(f"num_samples and chunk must be >= 1, got {num_samples} and {chunk}")
+    passes = -(-num_samples // chunk)
+    offsets = tf.range(chunk)
+
+    def body(i, running_max, running_sum):
+        w = tf.cast(sample_log_weights(), tf.float64)
+        w = tf.where((i * chunk + offsets < num_samples)[:, None], w, tf.constant(-math.inf, tf.float64))
+        new_max = tf.maximum(running_max, tf.reduce_max(w, axis=0))
+        # exp(-inf - finite) = 0 on the first pass, where running_sum is 0 too.
+        running_sum = running_sum * tf.exp(running_max - new_max) + tf.reduce_sum(tf.exp(w - new_max), axis=0)
+        return i + 1, new_max, running_sum
+
+    start = (tf.constant(0), tf.fill([batch], tf.constant(-math.inf, tf.float64)), tf.zeros([batch], tf.float64))
+    _, running_max, running_sum = tf.while_loop(lambda i, *_: i < passes, body, start)
+    return running_max + tf.math.log(running_sum) - math.log(num_samples)
+
+
+def bits_per_dim(nats, dims):
+    return nats / (math.log(2.0) * dims)
+
+
+class Evaluator:
+    """Importance-weighted NLL of a restored model under a distribution strategy."""
+
+    def __init__(self, model, strategy, num_iw_samples, batch_size, forward_batch=0, seed=0):
+        import keras
+        import tensorflow as tf
+
+        from nvae_tf.model.distributions import KerasNoise
+        from nvae_tf.train import ReplicaNoise
+        if num_iw_samples < 1:
+            raise ValueError(f"--num_iw_samples must be >= 1, got {num_iw_samples}")
+        self.model, self.strategy, self.num_iw_samples = model, strategy, num_iw_samples
+        forward_batch = forward_batch or 4 * batch_size
+        self.chunk = max(1, min(num_iw_samples, forward_batch // batch_size))
+        with strategy.scope():
+            self.seed_generator = keras.random.SeedGenerator(seed, name="evaluate_noise")
+
+        def replica(images):
+            context = tf.distribute.get_replica_context()
+            noise = ReplicaNoise(KerasNoise(self.seed_generator), context.replica_id_in_sync_group,
+                                 context.num_replicas_in_sync)
+            batch = tf.shape(images)[0]
+            tiled = tf.tile(images, [self.chunk, 1, 1, 1])
+
+            def sample_log_weights():
+                out = self.model(tiled, training=False, noise=noise)
+                return tf.reshape(log_weights(out), [self.chunk, batch])
+
+            log_px = importance_weighted_log_likelihood(sample_log_weights, self.num_iw_samples, self.chunk, batch)
+            return -tf.reduce_sum(log_px), tf.cast(batch, tf.float64)
+
+        def step(images):
+            total, count = strategy.run(replica, args=(images,))
+            return (strategy.reduce(tf.distribute.ReduceOp.SUM, total, axis=None),
+                    strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None))
+
+        self._step = tf.function(step)
+
+    def evaluate(self, dataset, num_images=None, progress=None):
+        """Mean -log p(x) in nats over a (distributed) dataset of uint8 batches; returns (nats, images)."""
+        total, count = 0.0, 0
+        start = time.time()
+        for images in dataset:
+            t, c = self._step(images)
+            total, count = total + float(t), count + int(c)
+            if progress:
+                progress(count, num_images, total / max(count, 1), time.time() - start)
+        if count == 0:
+            raise data_lib.DataError("the split gave no images to evaluate")
+        return total / count, count
+
+
+class Progress:
+    """A one-line progress bar on stderr (a new line per update when stderr is not a terminal)."""
+
+    def __init__(self, dims, stream=sys.stderr, every_seconds=10.0):
+        self.dims, self.stream, self.every = dims, stream, every_seconds
+        self.tty = stream.isatty()
+        self.last = -math.inf
+
+    def __call__(self, done, total, nats, elapsed):
+        finished = total is not None and done >= total
+        if not self.tty and not finished and elapsed - self.last < self.every:
+            return
+        self.last = elapsed
+        rate = done / max(elapsed, 1e-9)
+        if total:
+            width = 30
+            filled = int(width * min(done / total, 1.0))
+            eta = (total - done) / max(rate, 1e-9)
+            line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images  {nats:.2f} nats  "
+                    f"{bits_per_dim(nats, self.dims):.4f} bpd  {rate:.1f} img/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        else:
+            line = f"{done} images  {nats:.2f} nats  {bits_per_dim(nats, self.dims):.4f} bpd  {rate:.1f} img/s"
+        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+        if self.tty and finished:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def run(model_dir, split="validation", num_iw_samples=1000, checkpoint=None, batch_size=0, forward_batch=0,
+        max_images=0, seed=0, precision="float32", data_dir="", strict=False, download=True, strategy=None,
+        progress=True, cpu_replicas=0):
+    """Evaluate a run; returns the result dict that is also written to `model_dir/eval_<split>.json`."""
+    import keras
+    import tensorflow as tf
+
+    from nvae_tf.train import is_chief, make_strategy
+    if num_iw_samples < 1:
+        raise runs.RunError(f"--num_iw_samples must be >= 1, got {num_iw_samples}")
+    if batch_size < 0 or forward_batch < 0 or max_images < 0:
+        raise runs.RunError("--batch_size, --forward_batch and --max_images must be >= 0")
+    config = runs.load_config(model_dir)
+    path = runs.find_checkpoint(model_dir, checkpoint)
+    source = data_lib.open_source(config, data_dir, strict=strict, download=download)
+    if split not in source.sizes:
+        raise runs.RunError(f"--split: {config.dataset} has no split {split!r}; it has "
+                            f"{', '.join(sorted(source.sizes))}")
+    strategy = strategy or make_strategy(cpu_replicas)
+    keras.mixed_precision.set_global_policy(precision)
+    batch_size = batch_size or config.batch_size
+    with strategy.scope():
+        _, model, _ = runs.load_model(model_dir, path)
+    evaluator = Evaluator(model, strategy, num_iw_samples, batch_size, forward_batch, seed)
+
+    num_images = source.sizes[split] if not max_images else min(max_images, source.sizes[split])
+
+    def make(context):
+        # Each input pipeline (one per worker) reads its own shard, so every image is counted once.
+        ds = source.dataset(split, batch_size, training=False, input_context=context, deterministic=True,
+                            seed=seed)
+        if max_images:
+            ds = ds.unbatch().take(-(-max_images // context.num_input_pipelines)).batch(batch_size)
+        return ds
+    logging.info("evaluating %s (%s) on %d %s images: K = %d importance samples, %d per forward pass, "
+                 "%d replicas", model_dir, os.path.basename(path), num_images, split, num_iw_samples,
+                 evaluator.chunk, strategy.num_replicas_in_sync)
+    start = time.time()
+    nats, count = evaluator.evaluate(strategy.distribute_datasets_from_function(make), num_images,
+                                     Progress(config.data_dims) if progress else None)
+    result = {"model_dir": model_dir, "checkpoint": path, "step": runs.checkpoint_step(path), "split": split,
+              "dataset": config.dataset, "num_images": count, "num_iw_samples": num_iw_samples,
+              "nll_nats": nats, "bpd": bits_per_dim(nats, config.data_dims), "data_dims": config.data_dims,
+              "precision": precision, "seed": seed, "seconds": round(time.time() - start, 1)}
+    if is_chief(strategy):
+        out = os.path.join(model_dir, f"eval_{split}.json")
+        with open(out + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(out + ".tmp", out)
+        with tf.summary.create_file_writer(os.path.join(model_dir, "eval")).as_default(step=result["step"]):
+            tf.summary.scalar(f"eval_{split}/nll_nats", nats)
+            tf.summary.scalar(f"eval_{split}/bpd", result["bpd"])
+            tf.summary.scalar(f"eval_{split}/num_iw_samples", num_iw_samples)
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.cpu_replicas > 1:
+        from nvae_tf.train import split_cpu
+        split_cpu(FLAGS.cpu_replicas)
+    try:
+        result = run(FLAGS.model_dir, FLAGS.split, FLAGS.num_iw_samples, FLAGS.checkpoint, FLAGS.batch_size,
+                     FLAGS.forward_batch, FLAGS.max_images, FLAGS.seed, FLAGS.precision, FLAGS.data_dir,
+                     FLAGS.strict_data, FLAGS.download, cpu_replicas=FLAGS.cpu_replicas)
+    except (runs.RunError, data_lib.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    nats = f"{result['nll_nats']:.2f} nats"
+    if result["dataset"] == "mnist":
+        nats += " (MNIST is reported in nats, on the 28x28 crop)"
+    print(f"{result['split']}: -log p(x) = {nats}, {result['bpd']:.4f} bits/dim over {result['num_images']} "
+          f"images, K = {result['num_iw_samples']} ({os.path.basename(result['checkpoint'])})")
+    print(f"written to {os.path.join(result['model_dir'], 'eval_' + result['split'] + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,344 @@
+"""`python -m nvae_tf.export --model_dir=runs/X --export_dir=exports/X`: a run as deployable samplers.
+
+Writes, under `export_dir`:
+
+    <version>/                 SavedModel in TF Serving's layout (serving loads the highest version)
+      saved_model.pb, variables/
+      assets.extra/manifest.json, assets.extra/config.json
+    sampler.tflite             TFLite sampler: builtin ops only, runs with the stock LiteRT interpreter
+    sampler_float16.tflite     with --tflite_quantize=float16
+    manifest.json, config.json the latest export's manifest and model config
+
+SavedModel signatures:
+  serving_default  num_samples int32, temperature float32, seed int64 -> images uint8 [num_samples, H, W, C]
+  reconstruct      images uint8 [batch, H, W, C] -> images uint8 (one posterior sample, decoded)
+  nelbo            images uint8 [batch, H, W, C] -> bpd float32 [batch] (negative ELBO in bits/dim)
+Requests are checked in the graph: 1 <= num_samples <= --max_samples, 0 < temperature <= 2, image batches of
+1..--max_samples; a bad request fails with an InvalidArgument error that names the input.
+
+Noise comes from `HashNoise`, a counter-based generator made of builtin integer ops (xor, multiply, floor
+division and modulo), used by the SavedModel and the TFLite sampler alike, so a server and a phone give the
+same images for the same seed and temperature.
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+from absl import app, flags, logging
+
+from nvae_tf import runs
+
+FLAGS = flags.FLAGS
+MAX_TEMPERATURE = 2.0
+SEED_MODULUS = 2 ** 31 - 1
+_MIX_1, _MIX_2 = 0x7FEB352D, 0x846CA68B - 2 ** 32  # multipliers of a 32-bit integer hash (as int32)
+_STREAM = 0x2545F491
+
+
+def define_flags():
+    flags.DEFINE_string("model_dir", None, "Run directory written by nvae_tf.train.")
+    flags.DEFINE_string("export_dir", None, "Where to write the SavedModel versions and the TFLite sampler.")
+    flags.DEFINE_string("checkpoint", None, "Checkpoint prefix or step number (default: the latest).")
+    flags.DEFINE_integer("version", 0, "SavedModel version directory (default: one above the highest present).")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing version directory.")
+    flags.DEFINE_float("temperature", 0.7, "Default temperature of the TFLite sampler's documentation and of "
+                       "--readjust_bn; requests choose their own temperature.")
+    flags.DEFINE_bool("readjust_bn", False, "Re-estimate BatchNorm statistics from samples at --temperature "
+                      "before exporting.")
+    flags.DEFINE_integer("bn_passes", 500, "Sampling passes for --readjust_bn.")
+    flags.DEFINE_integer("bn_batch", 16, "Images per pass for --readjust_bn.")
+    flags.DEFINE_integer("max_samples", 64, "Largest num_samples (and image batch) a request may ask for.")
+    flags.DEFINE_integer("tflite_batch", 1, "Images per call of the TFLite sampler (fixed).")
+    flags.DEFINE_enum("tflite_quantize", "none", ["none", "float16"], "Also write a float16-quantised sampler.")
+    flags.DEFINE_enum("pixels", "auto", ["auto", "sample", "mean"], "Pixel values of sampled images: a draw from "
+                      "p(x|z), its mean, or auto (mean for binary images, a draw otherwise).")
+    flags.DEFINE_bool("tflite", True, "Write the TFLite sampler.")
+
+
+# ------------------------------------------------------------------------------------------------- noise
+def _shift_right(x, bits):
+    """Logical right shift of int32 values (as unsigned 32-bit), with floor division and modulo only."""
+    import tensorflow as tf
+    return tf.math.floormod(tf.math.floordiv(x, 2 ** bits), 2 ** (32 - bits))
+
+
+def hash32(x):
+    """A 32-bit integer hash (xor-shift-multiply) on int32 tensors, wrapping like unsigned arithmetic."""
+    import tensorflow as tf
+    x = tf.bitwise.bitwise_xor(x, _shift_right(x, 16)) * _MIX_1
+    x = tf.bitwise.bitwise_xor(x, _shift_right(x, 15)) * _MIX_2
+    return tf.bitwise.bitwise_xor(x, _shift_right(x, 16))
+
+
+class HashNoise:
+    """Counter-based noise: draw i of a sampler gets stream key hash(key ^ i * c); element j of that draw gets
+    hash(j ^ stream key). Uniforms take the top 24 bits, (bits + 0.5) / 2^24, in (0, 1); normals use Box-Muller
+    on two uniforms. Only builtin TFLite ops, and identical bits in TensorFlow and TFLite.
+
+    `seed` is an int64 scalar tensor; it is reduced modulo 2^31 - 1. Each `HashNoise` must be used for one
+    traced computation: the draw counter is a Python integer advanced at trace time.
+    """
+
+    def __init__(self, seed):
+        import tensorflow as tf
+        seed = tf.cast(tf.math.floormod(tf.cast(seed, tf.int64), SEED_MODULUS), tf.int32)
+        self.key = hash32(hash32(seed) + 1)
+        self.draws = 0
+
+    def _bits(self, shape):
+        import tensorflow as tf
+        self.draws += 1
+        stream = hash32(tf.bitwise.bitwise_xor(self.key, self.draws * _STREAM))
+        count = tf.reduce_prod(tf.cast(shape, tf.int32))
+        return tf.reshape(hash32(tf.bitwise.bitwise_xor(tf.range(count, dtype=tf.int32), stream)), shape)
+
+    def uniform(self, shape, dtype="float32"):
+        import tensorflow as tf
+        u = (tf.cast(_shift_right(self._bits(shape), 8), tf.float32) + 0.5) * 2.0 ** -24
+        return tf.cast(u, dtype)
+
+    def normal(self, shape, dtype="float32"):
+        import tensorflow as tf
+        u1, u2 = self.uniform(shape), self.uniform(shape)
+        return tf.cast(tf.sqrt(-2.0 * tf.math.log(u1)) * tf.cos(2.0 * math.pi * u2), dtype)
+
+
+def _to_uint8(images):
+    import tensorflow as tf
+    return tf.cast(tf.round(tf.clip_by_value(images, 0.0, 1.0) * 255.0), tf.uint8)
+
+
+# ------------------------------------------------------------------------------------------- signatures
+class Signatures:
+    """The exported computations of one model (inputs validated in the graph)."""
+
+    def __init__(self, model, max_samples=64, pixels="sample"):
+        self.model, self.config = model, model.config
+        self.max_samples, self.pixels = int(max_samples), pixels
+        self.image_shape = tuple(self.config.image_shape)
+
+    def specs(self):
+        import tensorflow as tf
+        images = tf.TensorSpec([None, *self.image_shape], tf.uint8, name="images")
+        return {
+            "serving_default": [tf.TensorSpec([], tf.int32, name="num_samples"),
+                                tf.TensorSpec([], tf.float32, name="temperature"),
+                                tf.TensorSpec([], tf.int64, name="seed")],
+            "reconstruct": [images],
+            "nelbo": [images],
+        }
+
+    def _check_temperature(self, temperature):
+        import tensorflow as tf
+        return [tf.debugging.assert_greater(temperature, 0.0, message="temperature must be > 0"),
+                tf.debugging.assert_less_equal(temperature, MAX_TEMPERATURE,
+                                               message=f"temperature must be <= {MAX_TEMPERATURE:g}")]
+
+    def _check_batch(self, n, what):
+        import tensorflow as tf
+        return [tf.debugging.assert_greater_equal(n, 1, message=f"{what} must be >= 1"),
+                tf.debugging.assert_less_equal(n, self.max_samples,
+                                               message=f"{what} must be <= {self.max_samples} (the export's "
+                                                       f"--max_samples)")]
+
+    def sample_images(self, num_samples, temperature, seed):
+        """uint8 `[num_samples, H, W, C]`; no validation (the TFLite sampler calls this directly)."""
+        noise = HashNoise(seed)
+        images = self.model.sample(num_samples, temperature, noise=noise, mode=self.pixels)
+        return _to_uint8(images)
+
+    def serving_default(self, num_samples, temperature, seed):
+        import tensorflow as tf
+        with tf.control_dependencies(self._check_batch(num_samples, "num_samples") +
+                                     self._check_temperature(temperature)):
+            num_samples = tf.identity(num_samples)
+        return {"images": self.sample_images(num_samples, temperature, seed)}
+
+    def reconstruct(self, images):
+        import tensorflow as tf
+        with tf.control_dependencies(self._check_batch(tf.shape(images)[0], "the image batch")):
+            images = tf.identity(images)
+        noise = HashNoise(tf.constant(0, tf.int64))
+        out = self.model(images, training=False, noise=noise)
+        pixels = self.model.decode_pixels(out["decoder_params"], mode=self.pixels, noise=noise)
+        return {"images": _to_uint8(pixels)}
+
+    def nelbo(self, images):
+        import tensorflow as tf
+        with tf.control_dependencies(self._check_batch(tf.shape(images)[0], "the image batch")):
+            images = tf.identity(images)
+        out = self.model(images, training=False, noise=HashNoise(tf.constant(0, tf.int64)))
+        nats = -out["recon_log_prob"] + tf.reduce_sum(out["kl"], axis=1)
+        return {"bpd": tf.cast(nats / (math.log(2.0) * self.config.data_dims), tf.float32)}
+
+
+def export_saved_model(model, path, max_samples=64, pixels="sample"):
+    """Write the SavedModel with the three signatures to `path`."""
+    import keras
+    signatures = Signatures(model, max_samples, pixels)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    for name, spec in signatures.specs().items():
+        archive.add_endpoint(name, getattr(signatures, name), input_signature=spec)
+    archive.write_out(path, verbose=False)
+    return signatures
+
+
+def export_tflite(model, path, batch=1, pixels="sample", quantize="none", scratch=None):
+    """Write the TFLite sampler (inputs `temperature` float32 and `seed` int64 scalars, output `images` uint8
+    `[batch, H, W, C]`), converted with builtin ops only. Returns the number of sampler weights."""
+    import keras
+    import tensorflow as tf
+    signatures = Signatures(model, batch, pixels)
+
+    def sampler(temperature, seed):
+        return {"images": signatures.sample_images(batch, temperature, seed)}
+
+    spec = [tf.TensorSpec([], tf.float32, name="temperature"), tf.TensorSpec([], tf.int64, name="seed")]
+    scratch = scratch or path + ".savedmodel.tmp"
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    endpoint = archive.add_endpoint("sampler", sampler, input_signature=spec)
+    weights = sum(int(v.shape.num_elements()) for v in endpoint.get_concrete_function(*spec).variables)
+    try:
+        archive.write_out(scratch, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(scratch, signature_keys=["sampler"])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if quantize == "float16":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        flatbuffer = converter.convert()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    with open(path, "wb") as f:
+        f.write(flatbuffer)
+    return weights
+
+
+# ------------------------------------------------------------------------------------------------- run
+def next_version(export_dir):
+    versions = [int(d) for d in os.listdir(export_dir) if d.isdigit()] if os.path.isdir(export_dir) else []
+    return max(versions, default=0) + 1
+
+
+def manifest(model, config, signatures, version, checkpoint, tflite_files, tflite_batch, sampler_weights,
+             readjusted):
+    spec = {name: [{"name": s.name, "dtype": s.dtype.name, "shape": [d for d in s.shape]} for s in specs]
+            for name, specs in signatures.specs().items()}
+    outputs = {"serving_default": {"images": {"dtype": "uint8", "shape": [None, *config.image_shape]}},
+               "reconstruct": {"images": {"dtype": "uint8", "shape": [None, *config.image_shape]}},
+               "nelbo": {"bpd": {"dtype": "float32", "shape": [None]}}}
+    return {
+        "format": "nvae_tf export 1",
+        "version": version,
+        "dataset": config.dataset,
+        "image_size": config.image_shape[0],
+        "image_shape": list(config.image_shape),
+        "channels": config.image_shape[-1],
+        "num_x_bits": config.num_x_bits,
+        "latent_shapes": [list(s) for s in config.latent_shapes],
+        "parameters": int(sum(int(v.shape.num_elements()) for v in model.trainable_variables)),
+        "checkpoint": checkpoint,
+        "step": runs.checkpoint_step(checkpoint),
+        "batchnorm": f"readjusted at temperature {readjusted}" if readjusted else "training statistics",
+        "pixels": signatures.pixels,
+        "limits": {"num_samples": [1, signatures.max_samples], "temperature": [0.0, MAX_TEMPERATURE],
+                   "temperature_note": "0 < temperature <= 2"},
+        "signatures": {name: {"inputs": spec[name], "outputs": outputs[name]} for name in spec},
+        "tflite": {"files": tflite_files, "batch": tflite_batch, "sampler_weights": sampler_weights,
+                   "inputs": {"temperature": "float32 scalar", "seed": "int64 scalar"},
+                   "outputs": {"images": f"uint8 {[tflite_batch, *config.image_shape]}"}} if tflite_files else None,
+        "noise": "HashNoise: counter-based 32-bit integer hash, seed reduced modulo 2^31 - 1; identical in the "
+                 "SavedModel and the TFLite sampler",
+    }
+
+
+def run(model_dir, export_dir, version=0, checkpoint=None, temperature=0.7, readjust_bn=False, bn_passes=500,
+        bn_batch=16, max_samples=64, tflite=True, tflite_batch=1, tflite_quantize="none", pixels="auto",
+        overwrite=False):
+    """Export a run; returns the manifest (also written beside the exports)."""
+    from nvae_tf.sample import check_temperature, pixel_mode, readjust_batchnorm
+    if not export_dir:
+        raise runs.RunError("--export_dir is required")
+    temperature = check_temperature(temperature)
+    if max_samples < 1:
+        raise runs.RunError(f"--max_samples must be >= 1, got {max_samples}")
+    if tflite_batch < 1:
+        raise runs.RunError(f"--tflite_batch must be >= 1, got {tflite_batch}")
+    if version < 0:
+        raise runs.RunError(f"--version must be >= 1, got {version}")
+    config, model, path = runs.load_model(model_dir, checkpoint)
+    version = version or next_version(export_dir)
+    target = os.path.join(export_dir, str(version))
+    if os.path.exists(target) and not overwrite:
+        raise runs.RunError(f"--version: {target} already exists; choose another version or pass --overwrite")
+    pixels = pixel_mode(config, pixels)
+    readjusted = None
+    if readjust_bn:
+        logging.info("re-estimating BatchNorm statistics: %d passes of %d samples at t = %g", bn_passes, bn_batch,
+                     temperature)
+        readjust_batchnorm(model, temperature, bn_passes, bn_batch)
+        readjusted = temperature
+
+    os.makedirs(export_dir, exist_ok=True)
+    start = time.time()
+    # Everything is written to a staging directory first: a failed export leaves earlier exports as they were.
+    staging = os.path.join(export_dir, f".staging-{version}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        logging.info("writing the SavedModel (version %d)", version)
+        saved_model = os.path.join(staging, str(version))
+        signatures = export_saved_model(model, saved_model, max_samples, pixels)
+        tflite_files, weights = [], None
+        if tflite:
+            variants = [("sampler.tflite", "none")] + ([("sampler_float16.tflite", "float16")]
+                                                       if tflite_quantize == "float16" else [])
+            for name, quantize in variants:
+                logging.info("converting the TFLite sampler %s (batch %d)", name, tflite_batch)
+                weights = export_tflite(model, os.path.join(staging, name), tflite_batch, pixels, quantize,
+                                        scratch=os.path.join(staging, "tflite_savedmodel"))
+                tflite_files.append(name)
+        info = manifest(model, config, signatures, version, path, tflite_files, tflite_batch, weights, readjusted)
+        extra = os.path.join(saved_model, "assets.extra")
+        os.makedirs(extra, exist_ok=True)
+        for folder in (extra, staging):
+            with open(os.path.join(folder, "manifest.json"), "w") as f:
+                json.dump(info, f, indent=2)
+            config.save(os.path.join(folder, "config.json"))
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(saved_model, target)
+        for name in ("manifest.json", "config.json", *tflite_files):
+            os.replace(os.path.join(staging, name), os.path.join(export_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    info["seconds"] = round(time.time() - start, 1)
+    return info
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        info = run(FLAGS.model_dir, FLAGS.export_dir, FLAGS.version, FLAGS.checkpoint, FLAGS.temperature,
+                   FLAGS.readjust_bn, FLAGS.bn_passes, FLAGS.bn_batch, FLAGS.max_samples, FLAGS.tflite,
+                   FLAGS.tflite_batch, FLAGS.tflite_quantize, FLAGS.pixels, FLAGS.overwrite)
+    except runs.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"SavedModel: {os.path.join(FLAGS.export_dir, str(info['version']))} (signatures "
+          f"{', '.join(info['signatures'])}; num_samples 1..{FLAGS.max_samples}, temperature in (0, 2])")
+    for name in (info["tflite"] or {}).get("files", []):
+        path = os.path.join(FLAGS.export_dir, name)
+        print(f"TFLite sampler: {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB, batch {FLAGS.tflite_batch})")
+    print(f"manifest: {os.path.join(FLAGS.export_dir, 'manifest.json')}  ({info['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
