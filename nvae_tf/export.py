@@ -176,22 +176,36 @@ class Signatures:
         return {"bpd": tf.cast(nats / (math.log(2.0) * self.config.data_dims), tf.float32)}
 
 
+def save_functions(model, path, functions):
+    """A SavedModel at `path` whose signatures are `functions` ({name: (python function, input specs)}).
+
+    The SavedModel tracks the model's underlying `tf.Variable`s directly: Keras's ExportArchive (Keras 3.15)
+    saves every weight twice, once per Keras variable and once per captured `tf.Variable`, doubling the
+    SavedModel on disk and in the server's memory. Returns {name: concrete function}.
+    """
+    import tensorflow as tf
+    module = tf.Module()
+    module.model_variables = [v.value for v in model.variables]  # the backing tf.Variables
+    concrete = {}
+    for name, (fn, spec) in functions.items():
+        traced = tf.function(fn, input_signature=spec, autograph=False)
+        setattr(module, name, traced)
+        concrete[name] = traced.get_concrete_function()
+    tf.saved_model.save(module, path, signatures=concrete)
+    return concrete
+
+
 def export_saved_model(model, path, max_samples=64, pixels="sample"):
     """Write the SavedModel with the three signatures to `path`."""
-    import keras
     signatures = Signatures(model, max_samples, pixels)
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    for name, spec in signatures.specs().items():
-        archive.add_endpoint(name, getattr(signatures, name), input_signature=spec)
-    archive.write_out(path, verbose=False)
+    save_functions(model, path, {name: (getattr(signatures, name), spec)
+                                 for name, spec in signatures.specs().items()})
     return signatures
 
 
 def export_tflite(model, path, batch=1, pixels="sample", quantize="none", scratch=None):
     """Write the TFLite sampler (inputs `temperature` float32 and `seed` int64 scalars, output `images` uint8
     `[batch, H, W, C]`), converted with builtin ops only. Returns the number of sampler weights."""
-    import keras
     import tensorflow as tf
     signatures = Signatures(model, batch, pixels)
 
@@ -200,12 +214,9 @@ def export_tflite(model, path, batch=1, pixels="sample", quantize="none", scratc
 
     spec = [tf.TensorSpec([], tf.float32, name="temperature"), tf.TensorSpec([], tf.int64, name="seed")]
     scratch = scratch or path + ".savedmodel.tmp"
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    endpoint = archive.add_endpoint("sampler", sampler, input_signature=spec)
-    weights = sum(int(v.shape.num_elements()) for v in endpoint.get_concrete_function(*spec).variables)
     try:
-        archive.write_out(scratch, verbose=False)
+        traced = save_functions(model, scratch, {"sampler": (sampler, spec)})["sampler"]
+        weights = sum(int(v.shape.num_elements()) for v in traced.variables)
         converter = tf.lite.TFLiteConverter.from_saved_model(scratch, signature_keys=["sampler"])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         if quantize == "float16":

@@ -903,3 +903,19 @@ def test_export_cli_version_auto_increments(cli_runs):
     with open(os.path.join(cli_runs.second, "2", "assets.extra", "manifest.json")) as f:
         assert json.load(f) == manifest
     assert tree_digest(os.path.join(cli_runs.second, "1")) == cli_runs.first_digest
+
+
+def test_saved_model_stores_each_variable_once(exports):
+    """The SavedModel's checkpoint holds every model variable exactly once (Keras's ExportArchive would store
+    each weight twice, doubling the file and the server's memory)."""
+    import tensorflow as tf
+
+    from nvae_tf.model import NVAE
+    ns = get_export(exports, "digits")
+    model = NVAE(flagfile_config("digits"))
+    model.build()
+    expected = sum(int(np.prod(v.shape)) for v in model.variables)
+    reader = tf.train.load_checkpoint(os.path.join(ns.export_dir, "1", "variables", "variables"))
+    shapes = {k: s for k, s in reader.get_variable_to_shape_map().items() if k != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+    assert sum(int(np.prod(s)) for s in shapes.values()) == expected
+    assert len(shapes) == len(model.variables)
