@@ -31,9 +31,9 @@ import time
 from absl import app, flags, logging
 
 from nvae_tf import runs
+from nvae_tf.sample import MAX_TEMPERATURE, check_temperature, pixel_mode, readjust_batchnorm
 
 FLAGS = flags.FLAGS
-MAX_TEMPERATURE = 2.0
 SEED_MODULUS = 2 ** 31 - 1
 _MIX_1, _MIX_2 = 0x7FEB352D, 0x846CA68B - 2 ** 32  # multipliers of a 32-bit integer hash (as int32)
 _STREAM = 0x2545F491
@@ -45,8 +45,8 @@ def define_flags():
     flags.DEFINE_string("checkpoint", None, "Checkpoint prefix or step number (default: the latest).")
     flags.DEFINE_integer("version", 0, "SavedModel version directory (default: one above the highest present).")
     flags.DEFINE_bool("overwrite", False, "Replace an existing version directory.")
-    flags.DEFINE_float("temperature", 0.7, "Default temperature of the TFLite sampler's documentation and of "
-                       "--readjust_bn; requests choose their own temperature.")
+    flags.DEFINE_float("temperature", 0.7, "Temperature of the samples that --readjust_bn re-estimates the "
+                       "BatchNorm statistics from; each request chooses its own sampling temperature.")
     flags.DEFINE_bool("readjust_bn", False, "Re-estimate BatchNorm statistics from samples at --temperature "
                       "before exporting.")
     flags.DEFINE_integer("bn_passes", 500, "Sampling passes for --readjust_bn.")
@@ -258,7 +258,7 @@ def manifest(model, config, signatures, version, checkpoint, tflite_files, tflit
         "batchnorm": f"readjusted at temperature {readjusted}" if readjusted else "training statistics",
         "pixels": signatures.pixels,
         "limits": {"num_samples": [1, signatures.max_samples], "temperature": [0.0, MAX_TEMPERATURE],
-                   "temperature_note": "0 < temperature <= 2"},
+                   "temperature_note": f"0 < temperature <= {MAX_TEMPERATURE:g}"},
         "signatures": {name: {"inputs": spec[name], "outputs": outputs[name]} for name in spec},
         "tflite": {"files": tflite_files, "batch": tflite_batch, "sampler_weights": sampler_weights,
                    "inputs": {"temperature": "float32 scalar", "seed": "int64 scalar"},
@@ -272,7 +272,6 @@ def run(model_dir, export_dir, version=0, checkpoint=None, temperature=0.7, read
         bn_batch=16, max_samples=64, tflite=True, tflite_batch=1, tflite_quantize="none", pixels="auto",
         overwrite=False):
     """Export a run; returns the manifest (also written beside the exports)."""
-    from nvae_tf.sample import check_temperature, pixel_mode, readjust_batchnorm
     if not export_dir:
         raise runs.RunError("--export_dir is required")
     temperature = check_temperature(temperature)

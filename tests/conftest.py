@@ -82,3 +82,14 @@ def run_side_by_side(module, commands, workers=2, timeout=240):
     with ThreadPoolExecutor(workers) as pool:
         futures = {name: pool.submit(one, args) for name, args in commands.items()}
         return {name: f.result() for name, f in futures.items()}
+
+
+def assert_cli_error(result, expected):
+    """A command line that refused its input: exit code 2, an `error: ` line on stderr holding every text of
+    `expected`, and no traceback."""
+    assert result.rc == 2, (result.rc, result.stderr[-3000:])
+    message = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert message, result.stderr[-3000:]
+    for text in expected:
+        assert text in message[0], (text, message[0])
+    assert "Traceback" not in result.stderr
