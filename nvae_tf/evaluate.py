@@ -58,22 +58,43 @@ def importance_weighted_log_likelihood(sample_log_weights, num_samples, chunk, b
     called ceil(K / chunk) times and the weights are folded into a running (max, scaled sum) pair in float64.
     Samples beyond K in the last chunk are masked out. Returns `[batch]` float64.
     """
-    import tensorflow as tf
     if num_samples < 1 or chunk < 1:
         raise ValueError(f"num_samples and chunk must be >= 1, got {num_samples} and {chunk}")
     passes = -(-num_samples // chunk)
+    state = fold_log_weights(sample_log_weights, num_samples, chunk, 0, passes, initial_state(batch))
+    return finish(state, num_samples)
+
+
+def initial_state(batch):
+    """The empty running log-sum-exp of `batch` items: (max, scaled sum) = (-inf, 0), float64 `[batch]` each."""
+    import tensorflow as tf
+    return tf.fill([batch], tf.constant(-math.inf, tf.float64)), tf.zeros([batch], tf.float64)
+
+
+def fold_log_weights(sample_log_weights, num_samples, chunk, first_pass, passes, state):
+    """Fold the log weights of passes `first_pass .. first_pass + passes - 1` (each `chunk` samples per item, from
+    `sample_log_weights()`) into the running (max, scaled sum) `state`; samples numbered K or more are masked."""
+    import tensorflow as tf
     offsets = tf.range(chunk)
+    first_pass = tf.cast(first_pass, tf.int32)
 
     def body(i, running_max, running_sum):
         w = tf.cast(sample_log_weights(), tf.float64)
-        w = tf.where((i * chunk + offsets < num_samples)[:, None], w, tf.constant(-math.inf, tf.float64))
+        index = (first_pass + i) * chunk + offsets
+        w = tf.where((index < num_samples)[:, None], w, tf.constant(-math.inf, tf.float64))
         new_max = tf.maximum(running_max, tf.reduce_max(w, axis=0))
         # exp(-inf - finite) = 0 on the first pass, where running_sum is 0 too.
         running_sum = running_sum * tf.exp(running_max - new_max) + tf.reduce_sum(tf.exp(w - new_max), axis=0)
         return i + 1, new_max, running_sum
 
-    start = (tf.constant(0), tf.fill([batch], tf.constant(-math.inf, tf.float64)), tf.zeros([batch], tf.float64))
-    _, running_max, running_sum = tf.while_loop(lambda i, *_: i < passes, body, start)
+    _, running_max, running_sum = tf.while_loop(lambda i, *_: i < passes, body, (tf.constant(0), *state))
+    return running_max, running_sum
+
+
+def finish(state, num_samples):
+    """log (1/K) sum_k exp(w_k) `[batch]` from the running (max, scaled sum)."""
+    import tensorflow as tf
+    running_max, running_sum = state
     return running_max + tf.math.log(running_sum) - math.log(num_samples)
 
 
@@ -82,7 +103,12 @@ def bits_per_dim(nats, dims):
 
 
 class Evaluator:
-    """Importance-weighted NLL of a restored model under a distribution strategy."""
+    """Importance-weighted NLL of a restored model under a distribution strategy.
+
+    The K samples of a batch are drawn in calls of a few seconds each (the running log-sum-exp carried between
+    them), so progress can be shown however large K is."""
+
+    CALL_SECONDS = 2.0  # aim for device calls of about this long
 
     def __init__(self, model, strategy, num_iw_samples, batch_size, forward_batch=0, seed=0):
         import keras
@@ -95,10 +121,11 @@ class Evaluator:
         self.model, self.strategy, self.num_iw_samples = model, strategy, num_iw_samples
         forward_batch = forward_batch or 4 * batch_size
         self.chunk = max(1, min(num_iw_samples, forward_batch // batch_size))
+        self.passes = -(-num_iw_samples // self.chunk)
         with strategy.scope():
             self.seed_generator = keras.random.SeedGenerator(seed, name="evaluate_noise")
 
-        def replica(images):
+        def replica_passes(images, first_pass, passes, running_max, running_sum):
             context = tf.distribute.get_replica_context()
             noise = ReplicaNoise(KerasNoise(self.seed_generator), context.replica_id_in_sync_group,
                                  context.num_replicas_in_sync)
@@ -109,22 +136,53 @@ class Evaluator:
                 out = self.model(tiled, training=False, noise=noise)
                 return tf.reshape(log_weights(out), [self.chunk, batch])
 
-            log_px = importance_weighted_log_likelihood(sample_log_weights, self.num_iw_samples, self.chunk, batch)
-            return -tf.reduce_sum(log_px), tf.cast(batch, tf.float64)
+            return fold_log_weights(sample_log_weights, self.num_iw_samples, self.chunk, first_pass, passes,
+                                    (running_max, running_sum))
 
-        def step(images):
-            total, count = strategy.run(replica, args=(images,))
+        def replica_finish(images, running_max, running_sum):
+            log_px = finish((running_max, running_sum), self.num_iw_samples)
+            return -tf.reduce_sum(log_px), tf.cast(tf.shape(images)[0], tf.float64)
+
+        def start(images):
+            return strategy.run(lambda x: initial_state(tf.shape(x)[0]), args=(images,))
+
+        def passes_step(images, first_pass, passes, state):
+            return strategy.run(replica_passes, args=(images, first_pass, passes, *state))
+
+        def finish_step(images, state):
+            total, count = strategy.run(replica_finish, args=(images, *state))
             return (strategy.reduce(tf.distribute.ReduceOp.SUM, total, axis=None),
                     strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None))
 
-        self._step = tf.function(step)
+        self._start, self._passes, self._finish = (tf.function(start), tf.function(passes_step),
+                                                   tf.function(finish_step))
 
     def evaluate(self, dataset, num_images=None, progress=None):
-        """Mean -log p(x) in nats over a (distributed) dataset of uint8 batches; returns (nats, images)."""
+        """Mean -log p(x) in nats over a (distributed) dataset of uint8 batches; returns (nats, images).
+
+        `progress(done, total, nats, elapsed)` is called after every call of the model: `done` counts images,
+        with a fraction for the batch in progress."""
+        import tensorflow as tf
         total, count = 0.0, 0
         start = time.time()
+        per_call, traced = 1, False
         for images in dataset:
-            t, c = self._step(images)
+            state = self._start(images)
+            batch = sum(int(tf.shape(x)[0]) for x in self.strategy.experimental_local_results(state[0]))
+            done = 0
+            while done < self.passes:
+                passes = min(per_call, self.passes - done)
+                call_start = time.time()
+                state = self._passes(images, tf.constant(done), tf.constant(passes), state)
+                seconds = time.time() - call_start
+                if traced:  # the first call's time is mostly tracing
+                    per_call = max(1, int(self.CALL_SECONDS * passes / max(seconds, 1e-6)))
+                traced = True
+                done += passes
+                if progress and done < self.passes:
+                    progress(count + batch * done / self.passes, num_images,
+                             total / count if count else None, time.time() - start)
+            t, c = self._finish(images, state)
             total, count = total + float(t), count + int(c)
             if progress:
                 progress(count, num_images, total / max(count, 1), time.time() - start)
@@ -136,7 +194,7 @@ class Evaluator:
 class Progress:
     """A one-line progress bar on stderr (a new line per update when stderr is not a terminal)."""
 
-    def __init__(self, dims, stream=sys.stderr, every_seconds=10.0):
+    def __init__(self, dims, stream=sys.stderr, every_seconds=5.0):
         self.dims, self.stream, self.every = dims, stream, every_seconds
         self.tty = stream.isatty()
         self.last = -math.inf
@@ -147,14 +205,17 @@ class Progress:
             return
         self.last = elapsed
         rate = done / max(elapsed, 1e-9)
+        images = f"{done}" if float(done).is_integer() else f"{done:.2f}"
+        figures = (f"{nats:.2f} nats  {bits_per_dim(nats, self.dims):.4f} bpd" if nats is not None
+                   else "first batch in progress")
         if total:
             width = 30
             filled = int(width * min(done / total, 1.0))
             eta = (total - done) / max(rate, 1e-9)
-            line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images  {nats:.2f} nats  "
-                    f"{bits_per_dim(nats, self.dims):.4f} bpd  {rate:.1f} img/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+            line = (f"[{'#' * filled}{'.' * (width - filled)}] {images}/{total} images  {figures}  "
+                    f"{rate:.2f} img/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}")
         else:
-            line = f"{done} images  {nats:.2f} nats  {bits_per_dim(nats, self.dims):.4f} bpd  {rate:.1f} img/s"
+            line = f"{images} images  {figures}  {rate:.2f} img/s"
         self.stream.write(("\r" + line) if self.tty else (line + "\n"))
         if self.tty and finished:
             self.stream.write("\n")
@@ -184,7 +245,7 @@ def run(model_dir, split="validation", num_iw_samples=1000, checkpoint=None, bat
     keras.mixed_precision.set_global_policy(precision)
     batch_size = batch_size or config.batch_size
     with strategy.scope():
-        _, model, _ = runs.load_model(model_dir, path)
+        _, model, path = runs.load_model(model_dir, checkpoint)
     evaluator = Evaluator(model, strategy, num_iw_samples, batch_size, forward_batch, seed)
 
     num_images = source.sizes[split] if not max_images else min(max_images, source.sizes[split])

@@ -144,7 +144,7 @@ def run(model_dir, mode="sample", temperature=0.7, temperatures=DEFAULT_TEMPERAT
         if split not in source.sizes:
             raise runs.RunError(f"--split: {config.dataset} has no split {split!r}; it has "
                                 f"{', '.join(sorted(source.sizes))}")
-    _, model, _ = runs.load_model(model_dir, path)
+    _, model, path = runs.load_model(model_dir, checkpoint)
     pixels = pixel_mode(config, pixels)
     if readjust_bn:
         logging.info("re-estimating BatchNorm statistics: %d passes of %d samples at t = %g", bn_passes, bn_batch,

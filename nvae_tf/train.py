@@ -3,22 +3,28 @@
 One device, all local GPUs (MirroredStrategy), several machines (MultiWorkerMirroredStrategy when TF_CONFIG
 names a cluster), or `--cpu_replicas=N` logical CPU devices. `batch_size` is per replica; BatchNorm statistics
 are synchronised over the global batch. Checkpoints (model, optimizer, step, power-iteration state, loss
-scale) go to `model_dir/checkpoints`; a second run with the same `model_dir` resumes. SIGTERM or Ctrl-C
-writes a checkpoint and exits. TensorBoard summaries go to `model_dir`.
+scale) go to `model_dir/checkpoints`; a second run with the same `model_dir` resumes from the newest intact
+checkpoint, while a run that is still alive keeps the directory to itself. SIGTERM or Ctrl-C writes a
+checkpoint after the current step and exits. TensorBoard summaries go to `model_dir`.
+
+A step whose loss, gradient or new BatchNorm statistics are not finite is skipped: it changes no model variable
+(weights, BatchNorm statistics, power-iteration vectors, noise generator), no optimiser slot and no schedule;
+only the step counter (the data position), the skip counters and, under mixed_float16, the loss scale move.
+No checkpoint is written while any model or optimiser variable is non-finite.
 """
 
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
 
 from absl import app, flags, logging
 
+from nvae_tf import cli, runs
 from nvae_tf import config as config_lib
-from nvae_tf import data as data_lib
-from nvae_tf import runs
 
 FLAGS = flags.FLAGS
 
@@ -35,7 +41,7 @@ SAMPLE_TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0)
 
 def define_flags():
     config_lib.define_flags()
-    data_lib.define_flags()
+    cli.define_data_flags()
     flags.DEFINE_string("model_dir", None, "Run directory: config, checkpoints and TensorBoard logs.")
     flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"], "Compute precision.")
     flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA (slower on CPU).")
@@ -55,7 +61,49 @@ def define_flags():
 
 
 class TrainingError(RuntimeError):
-    pass
+    """Training cannot go on; the message says why and what was kept."""
+
+
+class CheckpointWriteError(TrainingError):
+    """A checkpoint could not be written (disk full, no permission); the previous checkpoints are intact."""
+
+
+POSITIVE_FLAGS = ("checkpoint_every", "keep_checkpoints", "log_every", "max_skipped_steps")
+NON_NEGATIVE_FLAGS = ("max_steps", "eval_batches", "num_summary_images", "cpu_replicas")
+
+
+def check_flags(flag_values=None):
+    """Check the run flags that need no TensorFlow, so a wrong value stops the run in seconds."""
+    fv = flag_values if flag_values is not None else FLAGS
+    for name in POSITIVE_FLAGS:
+        if fv[name].value < 1:
+            raise config_lib.ConfigError(name, f"must be >= 1, got {fv[name].value}")
+    for name in NON_NEGATIVE_FLAGS:
+        if fv[name].value < 0:
+            raise config_lib.ConfigError(name, f"must be >= 0, got {fv[name].value}")
+    model_dir = fv.model_dir
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise config_lib.ConfigError("model_dir", f"{model_dir} is a file, not a directory")
+    parent = model_dir
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent.rstrip(os.sep))
+    if parent and not os.path.isdir(parent):
+        raise config_lib.ConfigError("model_dir", f"{model_dir} cannot be created: {parent} is a file")
+
+
+def open_model_dir(model_dir):
+    """Create `model_dir` and take its training lock (`runs.TrainingLock`); `ConfigError` if it cannot be
+    written, `runs.RunLockedError` if a live run holds it."""
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        lock = runs.TrainingLock(model_dir).acquire()
+    except OSError as e:
+        raise config_lib.ConfigError("model_dir", f"cannot write to {model_dir}: {e.strerror or e}") from None
+    if lock.previous:
+        logging.warning("took over the lock of %s left by a run that has ended (PID %s on host %s, started %s)",
+                        model_dir, lock.previous.get("pid"), lock.previous.get("host"),
+                        lock.previous.get("started"))
+    return lock
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -89,7 +137,11 @@ def prepare_model_dir(model_dir, config, write=True):
     os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, "config.json")
     if os.path.exists(path):
-        saved = config_lib.NVAEConfig.load(path)
+        try:
+            saved = runs.read_config(path)
+        except runs.RunError as e:
+            raise config_lib.ConfigError("model_dir", f"{e}; use another --model_dir, or move the file away "
+                                         f"to start a new run there") from None
         for name in STRUCTURAL_FIELDS:
             if getattr(saved, name) != getattr(config, name):
                 raise config_lib.ConfigError(
@@ -146,6 +198,7 @@ class Trainer:
         import keras
         import tensorflow as tf
 
+        from nvae_tf import data as data_lib
         from nvae_tf import objective
         from nvae_tf.model import NVAE
         from nvae_tf.optim import NVAEAdamax, NVAELearningRate
@@ -169,7 +222,10 @@ class Trainer:
         with strategy.scope():
             keras.utils.set_random_seed(config.seed)
             self.model = NVAE(config, remat=remat)
+            logging.info("building NVAE (%s, %dx%dx%d)", config.dataset, *config.image_shape)
             self.model.build()
+            logging.info("built NVAE: %.2fM parameters", sum(int(math.prod(v.shape))
+                                                           for v in self.model.trainable_variables) / 1e6)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps",
@@ -182,8 +238,17 @@ class Trainer:
                                              aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.schedule = NVAELearningRate(config.learning_rate, config.learning_rate_min, self.steps_per_epoch,
                                              config.epochs, config.warmup_epochs)
-            self.optimizer = NVAEAdamax(learning_rate=lambda: self.schedule(self.step), l2=config.weight_decay)
+            # The schedules (learning rate, KL warm-up) follow the applied updates, so a skipped step leaves
+            # them where they were.
+            self.optimizer = NVAEAdamax(learning_rate=lambda: self.schedule(self.optimizer.iterations),
+                                        l2=config.weight_decay)
             self.optimizer.build(self.model.trainable_variables)
+            # Validation draws its posterior samples from a generator of its own, re-seeded by the step, so it
+            # leaves the training noise alone and gives the same figure wherever a run was resumed.
+            self.eval_seed_generator = keras.random.SeedGenerator(config.seed, name="validation_noise")
+        # What a forward pass changes besides the weights: BN running statistics, the power-iteration state and
+        # the noise generator. A skipped step puts it back.
+        self.forward_state = [v for v in self.model.variables if not v.trainable]
 
         # Every model variable by its path: BN statistics, power-iteration vectors and the noise generator's
         # state live in lists that a checkpoint of the model object alone would not reach.
@@ -193,12 +258,17 @@ class Trainer:
                                               skipped=self.skipped, loss_scale=self.loss_scale,
                                               finite_streak=self.finite_streak)
         directory = runs.checkpoint_dir(model_dir)
-        if not self.chief:
+        if self.chief:
+            runs.repair_checkpoints(directory)
+        else:
             directory = os.path.join(model_dir, "worker_tmp", str(strategy.cluster_resolver.task_id))
+        self.keep_checkpoints = keep_checkpoints
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep_checkpoints)
         self.writer = tf.summary.create_file_writer(model_dir) if self.chief else tf.summary.create_noop_writer()
-        self._train_step = tf.function(self._distributed_step, jit_compile=jit_compile)
+        self.train_step = tf.function(self._distributed_step, jit_compile=jit_compile)
         self._eval_step = tf.function(self._distributed_eval)
+        self._probe = None
+        self._resumed = False
 
     # -------------------------------------------------------------------------------------------- steps
     def _replica_step(self, images):
@@ -212,7 +282,8 @@ class Trainer:
                              context.num_replicas_in_sync)
         with tf.GradientTape() as tape:
             out = self.model(images, training=True, noise=noise)
-            loss, metrics = objective.nvae_loss(self.model, out, self.step, self.total_steps, self.alpha)
+            loss, metrics = objective.nvae_loss(self.model, out, self.optimizer.iterations, self.total_steps,
+                                                self.alpha)
             scaled = loss * self.loss_scale / self.replicas
         grads = tape.gradient(scaled, variables)
         grads = [tf.zeros_like(v) if g is None else tf.cast(g, tf.float32) for g, v in zip(grads, variables)]
@@ -220,16 +291,24 @@ class Trainer:
         grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
         return grads, metrics
 
-    def _distributed_step(self, images, inject_nan=False):
+    def _distributed_step(self, images):
+        """One training step on a distributed batch; returns the metrics (global means).
+
+        The step is applied only if the loss, the gradient norm and every new BatchNorm statistic and
+        power-iteration vector are finite (one decision for all replicas). Otherwise the forward pass's changes
+        to `forward_state` are undone, so the model, the optimiser and the schedules are exactly as before."""
         import tensorflow as tf
         strategy = self.strategy
+        before = [tf.identity(v) for v in self.forward_state]
+        learning_rate = self.schedule(self.optimizer.iterations)
         grads, metrics = strategy.run(self._replica_step, args=(images,))
         grads = [strategy.experimental_local_results(g)[0] / self.loss_scale for g in grads]
         metrics = {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in metrics.items()}
-        if inject_nan:
-            grads[0] = grads[0] * float("nan")
         grad_norm = tf.linalg.global_norm(grads)
+        state_finite = [tf.reduce_all(tf.math.is_finite(v)) for v in self.forward_state
+                        if tf.as_dtype(v.dtype).is_floating]
         finite = tf.logical_and(tf.math.is_finite(grad_norm), tf.math.is_finite(metrics["loss"]))
+        finite = tf.logical_and(finite, tf.reduce_all(tf.stack(state_finite)))
 
         def apply():
             self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
@@ -241,6 +320,8 @@ class Trainer:
             return tf.constant(True)
 
         def skip():
+            for variable, value in zip(self.forward_state, before):
+                variable.assign(value)
             self.skipped.assign_add(1)
             self.consecutive_skipped.assign_add(1)
             if self.fp16:
@@ -248,17 +329,22 @@ class Trainer:
                 self.finite_streak.assign(0)
             return tf.constant(False)
 
-        tf.cond(finite, apply, skip)
+        metrics["applied"] = tf.cond(finite, apply, skip)
         metrics["grad_norm"] = grad_norm
-        metrics["learning_rate"] = self.schedule(self.step)
+        metrics["learning_rate"] = learning_rate
         self.step.assign_add(1)
         return metrics
 
     def _distributed_eval(self, images):
         import tensorflow as tf
 
+        from nvae_tf.model.distributions import KerasNoise
+
         def replica(x):
-            out = self.model(x, training=False)
+            context = tf.distribute.get_replica_context()
+            noise = ReplicaNoise(KerasNoise(self.eval_seed_generator), context.replica_id_in_sync_group,
+                                 context.num_replicas_in_sync)
+            out = self.model(x, training=False, noise=noise)
             nelbo = -out["recon_log_prob"] + tf.reduce_sum(out["kl"], axis=1)
             return tf.reduce_sum(nelbo), tf.cast(tf.shape(x)[0], tf.float32)
         total, count = self.strategy.run(replica, args=(images,))
@@ -276,23 +362,103 @@ class Trainer:
         return self.strategy.distribute_datasets_from_function(make)
 
     # ---------------------------------------------------------------------------------------------- loop
+    def distribute(self, dataset):
+        """A dataset of global batches as `train_step` takes them."""
+        return self.strategy.experimental_distribute_dataset(dataset)
+
     def restore(self):
-        latest = self.manager.latest_checkpoint
-        if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-            logging.info("resumed from %s at step %d", latest, int(self.step.numpy()))
-        return latest
+        """Resume from the newest checkpoint that restores and holds finite values; returns its path or None.
+
+        A checkpoint that fails to restore or holds a non-finite value is moved to `checkpoints/damaged/` (with
+        a warning naming it) and the next older one is tried."""
+        import tensorflow as tf
+        # Every worker resumes from the chief's checkpoints; only the chief moves damaged ones aside.
+        directory = runs.checkpoint_dir(self.model_dir)
+        damaged = []
+        for path in runs.list_checkpoints(directory):
+            problem = runs.checkpoint_problem(path)
+            if not problem:
+                try:
+                    self.checkpoint.restore(path).assert_existing_objects_matched()
+                except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
+                    problem = f"it fails to restore ({runs.first_line(e)})"
+            if not problem:
+                bad = runs.first_non_finite([*self.model.variables, *self.optimizer.variables])
+                if bad:
+                    problem = f"it holds a non-finite value (in {bad})"
+            if problem:
+                if self.chief:
+                    runs.quarantine(path, problem)
+                damaged.append(f"{os.path.basename(path)} ({problem})")
+                continue
+            logging.info("resumed from %s at step %d", path, int(self.step.numpy()))
+            if self.chief:
+                self.manager = tf.train.CheckpointManager(self.checkpoint, directory,
+                                                          max_to_keep=self.keep_checkpoints)
+            return path
+        quarantined = os.path.join(directory, runs.DAMAGED_DIR)
+        if damaged or runs.list_checkpoints(quarantined):
+            listing = "; ".join(damaged) or ", ".join(os.path.basename(p) for p in runs.list_checkpoints(quarantined))
+            raise TrainingError(f"no intact checkpoint in {directory} to resume from: {listing}. The damaged files "
+                                f"are kept in {quarantined}; move that folder away to train from scratch.")
+        return None
+
+    def _validation_nelbo(self, images, step):
+        """Summed negative ELBO and image count of a distributed validation batch, with the noise of `step`."""
+        self.eval_seed_generator.state.assign([self.config.seed + 1 + step, 0])
+        return self._eval_step(images)
+
+    def model_is_sound(self, step):
+        """Whether the model gives a finite negative ELBO in evaluation mode on the first validation batch: a
+        checkpoint is written only then, so that evaluating, sampling or resuming from it works."""
+        import numpy as np
+        if self._probe is None:
+            ds = self.source.dataset("validation", self.config.batch_size, training=False, deterministic=True,
+                                     seed=self.config.seed, cache=False).take(1)
+            self._probe = next(iter(self.distribute(ds)))
+        total, _ = self._validation_nelbo(self._probe, step)
+        return bool(np.isfinite(float(total)))
 
     def save(self):
-        path = self.manager.save(checkpoint_number=int(self.step.numpy()))
+        """Write a checkpoint of the current step, if every model and optimiser value is finite; returns its path.
+
+        `TrainingError` if a value is not finite (nothing is written), `CheckpointWriteError` if the write fails;
+        either way the checkpoints already written stay as they were."""
+        import tensorflow as tf
+        step = int(self.step.numpy())
+        directory = self.manager.directory
+        bad = runs.first_non_finite([*self.model.variables, *self.optimizer.variables])
+        if bad:
+            raise TrainingError(f"the model holds a non-finite value (in {bad}) at step {step}, so no checkpoint is "
+                                f"written; the newest checkpoint is {self.manager.latest_checkpoint or 'none'}")
+        if not self.model_is_sound(step):
+            logging.warning("step %d: no checkpoint written: the model's validation negative ELBO is not finite; "
+                            "the newest checkpoint is %s", step, self.manager.latest_checkpoint or "none")
+            return None
+        try:
+            path = self.manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError) as e:
+            prefix = os.path.join(directory, f"ckpt-{step}")
+            for leftover in [prefix + "_temp", *tf.io.gfile.glob(prefix + ".*")]:
+                try:
+                    tf.io.gfile.rmtree(leftover) if tf.io.gfile.isdir(leftover) else tf.io.gfile.remove(leftover)
+                except (tf.errors.OpError, OSError):
+                    pass
+            raise CheckpointWriteError(
+                f"cannot write checkpoint ckpt-{step} to {directory}: {_os_reason(e)}; "
+                f"the newest intact checkpoint is {self.manager.latest_checkpoint or 'none'}") from None
         if not self.chief:
-            import tensorflow as tf
             tf.io.gfile.rmtree(os.path.dirname(path))
         return path
 
-    def train(self, max_steps=0, stop_requested=lambda: False, inject_nan_at=()):
-        """Train until the last epoch, `max_steps` in total, or a stop request; returns the final step."""
-        self.restore()
+    def train(self, max_steps=0, stop_requested=lambda: False):
+        """Train until the last epoch, `max_steps` in total, or a stop request; returns the final step.
+
+        `stop_requested()` is asked after every step and every validation batch: a stop writes a checkpoint at
+        once. The first call resumes from the newest checkpoint; later calls go on from the state in memory."""
+        if not self._resumed:
+            self.restore()
+            self._resumed = True
         last = self.total_steps if not max_steps else min(max_steps, self.total_steps)
         step = int(self.step.numpy())
         if step >= last:
@@ -304,15 +470,16 @@ class Trainer:
         start_time, start_step = time.time(), step
         window_time, window_step = start_time, step
         saved_step = step
-        while step < last:
+        while step < last and not stop_requested():
             epoch, offset = divmod(step, self.steps_per_epoch)
             for images in self._train_data(epoch, offset):
-                metrics = self._train_step(images, inject_nan=step in inject_nan_at)
+                metrics = self.train_step(images)
                 step += 1
                 if int(self.consecutive_skipped.numpy()) >= self.max_skipped_steps:
                     raise TrainingError(
                         f"{self.max_skipped_steps} consecutive steps had a non-finite loss or gradient (step {step}). "
-                        f"The last good checkpoint is kept in {self.manager.directory}. Known remedies: a lower "
+                        f"The last good checkpoint is kept: {self.manager.latest_checkpoint or 'none was written'}. "
+                        f"Known remedies: a lower "
                         f"--learning_rate (e.g. 5e-3 or 1e-3 for small batches), a larger --weight_decay_norm, or "
                         f"--weight_decay_norm_anneal with --weight_decay_norm_init=1.0; check the data for "
                         f"corrupt images.")
@@ -321,16 +488,17 @@ class Trainer:
                     rate = (step - window_step) * self.global_batch / max(now - window_time, 1e-9)
                     window_time, window_step = now, step
                     self._log(step, last, epoch, metrics, rate, start_time, start_step)
-                if step - saved_step >= self.checkpoint_every:
+                if step - saved_step >= self.checkpoint_every and int(self.consecutive_skipped.numpy()) == 0:
                     self.save()
                     saved_step = step
                 if step >= last or stop_requested():
                     break
             if stop_requested():
-                logging.info("stop requested: saving a checkpoint at step %d", step)
                 break
             if step % self.steps_per_epoch == 0:
-                self._end_of_epoch(step, epoch)
+                self._end_of_epoch(step, epoch, stop_requested)
+        if stop_requested():
+            logging.info("stop requested: saving a checkpoint at step %d", step)
         if step != saved_step or not self.manager.latest_checkpoint:
             self.save()
         self.writer.flush()
@@ -357,7 +525,8 @@ class Trainer:
             if self.fp16:
                 tf.summary.scalar("train/loss_scale", float(self.loss_scale.numpy()))
 
-    def _end_of_epoch(self, step, epoch):
+    def _end_of_epoch(self, step, epoch, stop_requested=lambda: False):
+        """Validation bits/dim and image summaries; abandoned at once if a stop is requested."""
         import numpy as np
         import tensorflow as tf
         total, count = 0.0, 0.0  # host sums of device scalars, read once after the loop
@@ -365,14 +534,19 @@ class Trainer:
                                  deterministic=self.deterministic, seed=self.config.seed)
         if self.eval_batches:
             ds = ds.take(self.eval_batches)
+        logging.info("validating after epoch %d (step %d, %s batches)", epoch + 1, step, self.eval_batches or "all")
+        self.eval_seed_generator.state.assign([self.config.seed + 1 + step, 0])
         for images in self.strategy.experimental_distribute_dataset(ds):
             t, c = self._eval_step(images)
             total, count = total + t, count + c
+            if stop_requested():
+                logging.info("validation of epoch %d abandoned: stop requested", epoch + 1)
+                return
         total, count = float(total), float(count)
         bpd = total / max(count, 1.0) / (math.log(2.0) * self.config.data_dims)
         logging.info("epoch %d done at step %d: validation bpd %.4f (negative ELBO, %d images)", epoch + 1, step,
                      bpd, int(count))
-        if not self.chief:
+        if not self.chief or stop_requested():
             return
         with self.writer.as_default(step=step):
             tf.summary.scalar("validation/bpd", bpd)
@@ -390,6 +564,15 @@ class Trainer:
         self.writer.flush()
 
 
+def _os_reason(error):
+    """The operating system's words in a failed write ("No space left on device"), without TensorFlow's
+    function names and temporary file names."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+    return re.sub(r"\s*\[Op:\w+\]$", "", text.rsplit("; ", 1)[-1])[:200]
+
+
 def _hms(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -403,32 +586,44 @@ def main(argv):
         print("error: --model_dir is required", file=sys.stderr)
         return 2
     try:
+        check_flags()
         config = config_lib.from_flags()
     except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        chief = cli.process_is_chief()
+        # The lock is taken before TensorFlow starts, so a second run on the same directory stops at once.
+        lock = open_model_dir(FLAGS.model_dir) if chief else None
+    except (ValueError, runs.RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if FLAGS.cpu_replicas > 1:
         split_cpu(FLAGS.cpu_replicas)
     import tensorflow as tf
+
+    from nvae_tf import data as data_lib
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
     try:
         strategy = make_strategy(FLAGS.cpu_replicas)
-        prepare_model_dir(FLAGS.model_dir, config, write=is_chief(strategy))
+        prepare_model_dir(FLAGS.model_dir, config, write=chief)
         source = data_lib.open_source(config, FLAGS.data_dir, strict=FLAGS.strict_data, download=FLAGS.download)
         trainer = Trainer(config, FLAGS.model_dir, strategy, source, precision=FLAGS.precision,
                           jit_compile=FLAGS.jit_compile, remat=FLAGS.remat, deterministic=FLAGS.deterministic,
                           checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
                           log_every=FLAGS.log_every, max_skipped_steps=FLAGS.max_skipped_steps,
                           eval_batches=FLAGS.eval_batches, num_summary_images=FLAGS.num_summary_images)
-    except (config_lib.ConfigError, data_lib.DataError) as e:
+    except (config_lib.ConfigError, data_lib.DataError, runs.RunError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if lock:
+            lock.release()
         return 2
 
     stop = {"requested": False}
 
     def request_stop(signum, _frame):
-        logging.warning("received signal %d: finishing the current step and saving a checkpoint", signum)
+        logging.warning("received signal %d: saving a checkpoint after the current step", signum)
         stop["requested"] = True
 
     signal.signal(signal.SIGTERM, request_stop)
@@ -438,6 +633,9 @@ def main(argv):
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    finally:
+        if lock:
+            lock.release()
     logging.info("stopped at step %d; checkpoint %s", step, trainer.manager.latest_checkpoint)
     return 0
 

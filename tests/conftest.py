@@ -63,7 +63,7 @@ def child_env():
 
 
 def run_side_by_side(module, commands, workers=2, timeout=240):
-    """{name: result (rc, stdout, stderr)} of `python -m <module> <args>` for {name: args}, `workers` at a time
+    """{name: result (rc, stdout, stderr, seconds)} of `python -m <module> <args>` for {name: args}, `workers` at a time
     (one per core: more TensorFlow processes than cores slow each other down far more than they gain)."""
     import subprocess
     import sys
@@ -72,12 +72,16 @@ def run_side_by_side(module, commands, workers=2, timeout=240):
     root = os.path.dirname(CONFIGS)
 
     def one(args):
+        import time
+        start = time.time()
         try:
             r = subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=child_env(),
                                capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
-            return types.SimpleNamespace(rc=None, stdout=e.stdout or "", stderr=f"timed out after {timeout} s")
-        return types.SimpleNamespace(rc=r.returncode, stdout=r.stdout, stderr=r.stderr)
+            return types.SimpleNamespace(rc=None, stdout=e.stdout or "", stderr=f"timed out after {timeout} s",
+                                         seconds=timeout)
+        return types.SimpleNamespace(rc=r.returncode, stdout=r.stdout, stderr=r.stderr,
+                                     seconds=time.time() - start)
 
     with ThreadPoolExecutor(workers) as pool:
         futures = {name: pool.submit(one, args) for name, args in commands.items()}

@@ -307,27 +307,47 @@ def test_a_new_trainer_restores_the_complete_model_state(trained):
                                                               for k, v in kinds.items()))
 
 
+def poisoned(variable):
+    """`variable` set to NaN (a fault in the forward pass) until the block ends, then put back."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def block():
+        saved = variable.numpy().copy()
+        variable.assign(np.full(saved.shape, np.nan, saved.dtype))
+        try:
+            yield
+        finally:
+            variable.assign(saved)
+    return block()
+
+
 @pytest.fixture(scope="module")
 def nan_steps(trained):
-    """On the trained run: one step with an injected NaN gradient, then a good step and three NaN steps
-    with max_skipped_steps=3."""
+    """On the trained run: one step with a NaN weight in the stem (so the forward pass, the loss and the
+    gradients are all NaN), then a good step and, with the NaN back, steps until max_skipped_steps=3 stops."""
     from nvae_tf.train import TrainingError
     t = trained.trainer
     step0 = int(t.step.numpy())
     skipped0 = int(t.skipped.numpy())
     before = weights_of(t)
-    t.train(max_steps=step0 + 1, inject_nan_at=(step0,))
+    batches = iter(t.distribute(t.source.dataset("train", 8, training=True, deterministic=True, seed=5)))
+    with poisoned(t.model.stem.bias):
+        t.train_step(next(batches))
     after_skip = weights_of(t)
     skipped1 = int(t.skipped.numpy())
+    t.train_step(next(batches))
     step1 = int(t.step.numpy())
+    t.save()
     checkpoint = t.manager.latest_checkpoint
     checkpoint_files = files_digest(os.path.dirname(checkpoint))
     t.max_skipped_steps = 3
-    try:
-        t.train(max_steps=step0 + 30, inject_nan_at=range(step0 + 2, step0 + 30))
-        error = None
-    except TrainingError as e:
-        error = e
+    with poisoned(t.model.stem.bias):
+        try:
+            t.train(max_steps=step1 + 30)
+            error = None
+        except TrainingError as e:
+            error = e
     return types.SimpleNamespace(step0=step0, skipped0=skipped0, before=before, after_skip=after_skip,
                                  skipped1=skipped1, step1=step1, checkpoint=checkpoint,
                                  checkpoint_files=checkpoint_files, error=error, trainer=t,
@@ -336,7 +356,7 @@ def nan_steps(trained):
 
 def test_a_non_finite_gradient_is_skipped_counted_and_leaves_the_weights_unchanged(nan_steps):
     n = nan_steps
-    assert n.step1 == n.step0 + 1  # the step counts
+    assert n.step1 == n.step0 + 2  # the skipped step counts
     assert n.skipped1 == n.skipped0 + 1  # and is counted as skipped
     changed = [i for i, (a, b) in enumerate(zip(n.before, n.after_skip)) if not np.array_equal(a, b)]
     assert not changed, f"{len(changed)} weight / optimizer tensors changed on a skipped step"
@@ -539,6 +559,9 @@ def test_sigterm_writes_a_checkpoint_and_exits_0(sigterm_run):
     assert match, r.log[-4000:]
     step = int(match.group(1))
     assert 1 <= step < SIGTERM_EPOCHS * (DIGITS_TRAIN // 8)  # stopped early, not at the end
+    # Saved after the step that was running when the signal came, not one later.
+    last_logged = max(int(s) for s in re.findall(r" step (\d+)/", r.log[:r.log.index("received signal 15")]))
+    assert last_logged <= step <= last_logged + 1, (last_logged, step)
     ckpt = os.path.join(r.model_dir, "checkpoints", f"ckpt-{step}")
     assert os.path.exists(ckpt + ".index")
     assert checkpoint_step(os.path.join(r.model_dir, "checkpoints")) == step
