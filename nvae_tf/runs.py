@@ -136,7 +136,7 @@ def _candidates(model_dir, checkpoint=None):
         if path.isdigit():
             path = os.path.join(directory, f"ckpt-{int(path)}")
         if not os.path.exists(path + ".index") and not glob.glob(glob.escape(path) + ".data-*"):
-            names = [os.path.basename(p) for p in found]
+            names = [os.path.basename(p) for p in reversed(found)]
             raise RunError(f"--checkpoint: {path} does not exist (available in {directory}: "
                            f"{', '.join(names) or 'none'})")
         problem = checkpoint_problem(path)
