@@ -359,7 +359,7 @@ def main(argv=None):
                     row.open_seconds = time.perf_counter() - t
                     if first_open:
                         notes.append(f"folder open ({name} row): {row.open_seconds:.1f} s for {n_folder} images, "
-                                     "with find_unreadable's one decode of every image (its result is kept in the "
+                                     "with check_images's one decode of every image (its result is kept in the "
                                      "manifest, so the next open of the same folder skips it)")
                     time_pipeline(row, source, config.batch_size, pipe_seconds)
                 elif name == "ffhq":
@@ -372,7 +372,7 @@ def main(argv=None):
                     source = data.open_source(config, root)
                     row.open_seconds = time.perf_counter() - t
                     rate = n_ffhq / row.open_seconds
-                    notes.append(f"ffhq open: find_unreadable decoded {n_ffhq} PNGs in {row.open_seconds:.1f} s "
+                    notes.append(f"ffhq open: check_images decoded {n_ffhq} PNGs in {row.open_seconds:.1f} s "
                                  f"({rate:.1f}/s): the first open of the 70,000 FFHQ PNGs would take "
                                  f"~{duration(70000 / rate)}")
                     time_pipeline(row, source, config.batch_size, pipe_seconds, cache=False)

@@ -18,14 +18,22 @@ training and evaluation see identical data. Per dataset (spec section 7):
 | folder | folder of PNG / JPEG / WebP | centre crop, resize, flips | `train/` + `validation/`, else seeded 90 % / 10 % |
 
 Unreadable images in a folder are found once (a parallel decode of every file), skipped, counted and logged
-by name, and remembered in a manifest beside the data; with `strict=True` they are an error.
+by name, and remembered in a manifest beside the data; with `strict=True` they are an error. Dangling symbolic
+links and link loops are unreadable images too; linked folders are followed, each folder listed once. The
+manifest keeps a fingerprint of every image's bytes: a file that differs when read (changed in place,
+truncated, deleted) is decoded in Python instead and, if it fails, skipped and logged by name once (with
+`strict=True`, the pipeline stops with an error naming it). A GLOW TFRecord file damaged or removed after it
+was counted is read up to the damage and named the same way.
 """
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import re
 import sys
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -48,17 +56,8 @@ class DataError(ValueError):
 
 def define_flags(flag_values=None):
     """Flags of every entry point that reads data."""
-    from absl import flags
-    fv = flag_values if flag_values is not None else flags.FLAGS
-    if "data_dir" in fv:
-        return
-    flags.DEFINE_string("data_dir", "", "Where the dataset is: a TFDS data directory (default "
-                        "~/tensorflow_datasets), a folder of images, or GLOW TFRecords.", flag_values=fv)
-    flags.DEFINE_bool("strict_data", False, "Stop at an unreadable image instead of skipping it.", flag_values=fv)
-    flags.DEFINE_bool("download", True, "Let TFDS download and prepare a dataset that is not there yet.",
-                      flag_values=fv)
-    flags.DEFINE_bool("deterministic", False, "Reproducible input order and augmentation under --seed "
-                      "(slower).", flag_values=fv)
+    from nvae_tf.cli import define_data_flags
+    define_data_flags(flag_values)
 
 
 # ------------------------------------------------------------------------------------------- preprocessing
@@ -108,7 +107,8 @@ class Source:
     flips: bool = True
     binarize: bool = False
     location: str = ""
-    unreadable: dict = dataclasses.field(default_factory=dict)  # {relative path: reason} of skipped files
+    # {relative path: reason} of the skipped files: found at open, and (folders) added as they fail while read
+    unreadable: dict = dataclasses.field(default_factory=dict)
 
     def dataset(self, split, batch_size, training, input_context=None, deterministic=False, seed=1,
                 shuffle=None, cache=None):
@@ -174,7 +174,7 @@ def open_source(config, data_dir="", strict=False, download=True):
         return _tfds_source(config, data_dir, download)
     if name == "celebahq":
         if data_dir and _glow_files(data_dir, "train"):
-            return _glow_source(config, data_dir)
+            return _glow_source(config, data_dir, strict)
         return _tfds_source(config, data_dir, download)
     if name in ("ffhq", "folder"):
         return _folder_source(config, data_dir, strict)
@@ -263,7 +263,7 @@ def write_glow_records(path, images):
             writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
 
 
-def _glow_source(config, data_dir):
+def _glow_source(config, data_dir, strict):
     shape = config.image_shape
     files = {}
     for split in ("train", "validation"):
@@ -280,60 +280,215 @@ def _glow_source(config, data_dir):
         if got != tuple(shape):
             raise DataError(f"celebahq: {first} holds images of shape {got}, expected {tuple(shape)}")
 
+    def count(path):
+        """`[records, damage]`: the records of `path` before its first damaged one, and the damage ("" if none)."""
+        fault = _open_fault(path)
+        if fault:
+            return [0, fault]
+        try:
+            return [int(tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1)), ""]
+        except tf.errors.OpError as e:
+            return [int(tf.data.TFRecordDataset(path).ignore_errors().reduce(np.int64(0), lambda n, _: n + 1)),
+                    read_error_text(e)]
+
+    counted = {}
+    for split in files:
+        per_file = _cached(data_dir, f"glow_records/{split}", _signature(files[split]),
+                           lambda s=split: [count(f) for f in files[s]])
+        counted.update(zip(files[split], per_file))
+    damaged = "; ".join(f"{f}: {damage} (after record {n})" for f, (n, damage) in sorted(counted.items()) if damage)
+    if damaged and strict:
+        raise DataError(f"celebahq: damaged GLOW TFRecords: {damaged}")
+    if damaged:
+        logging.warning("celebahq: reading only the records before the damage in: %s", damaged)
+    counted_stats = {f: _stat_key(f) for f in counted}
+    reported = set()
+
+    def check(path):
+        """Whether GLOW file `path` opens now, and why it will not yield the records counted at open ("" if it
+        will): a file changed since it was counted is counted again. A failure is reported once per file."""
+        path = path.numpy().decode()
+        expected = counted[path][0]
+        fault = _open_fault(path)
+        if fault:
+            reason = f"cannot be opened since it was counted: {fault}"
+        elif _stat_key(path) == counted_stats[path]:
+            return True, ""
+        else:
+            n, damage = count(path)
+            if n >= expected:
+                return True, ""
+            reason = f"changed since it was counted: {n} of its {expected} records readable" + (
+                f" ({damage})" if damage else "")
+        if path not in reported and not strict:
+            logging.warning("celebahq: skipping records of %s: %s", path, reason)
+        reported.add(path)
+        return fault is None, f"celebahq: {path} {reason}"
+
+    def records(path):
+        # Under ignore_errors a damaged record ends its file, but a file that fails to open is retried forever:
+        # only a file that opens now is read.
+        opens, message = tf.py_function(check, [path], (tf.bool, tf.string))
+        if strict:
+            with tf.control_dependencies([tf.debugging.Assert(tf.equal(message, ""), [message])]):
+                opens = tf.identity(opens)
+        names = tf.boolean_mask(tf.reshape(path, [1]), tf.reshape(opens, [1]))
+        return tf.data.TFRecordDataset(names).ignore_errors()
+
     def read(split, shard=None, shuffle_files=False, seed=None):
         ds = tf.data.Dataset.from_tensor_slices(files[split])
         if shard:
             ds = ds.shard(*shard)
         if shuffle_files:
             ds = ds.shuffle(len(files[split]), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=4, num_parallel_calls=AUTOTUNE,
-                           deterministic=True)
+        ds = ds.interleave(records, cycle_length=4, num_parallel_calls=AUTOTUNE, deterministic=True)
         return ds.map(lambda r: tf.ensure_shape(parse_glow_record(r), shape), num_parallel_calls=AUTOTUNE)
 
-    def count(split):
-        return int(tf.data.TFRecordDataset(files[split]).reduce(np.int64(0), lambda n, _: n + 1))
-
-    sizes = {split: _cached(data_dir, f"glow_count/{split}", _signature(files[split]), lambda s=split: count(s))
-             for split in files}
+    sizes = {split: sum(counted[f][0] for f in files[split]) for split in files}
     return Source("celebahq", shape, sizes, read, location=f"GLOW TFRecords in {data_dir}")
 
 
 # Folders of images -----------------------------------------------------------------------------------------
 def list_images(root):
-    """Relative paths of every PNG / JPEG / WebP image below `root`, sorted."""
-    found = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in names:
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
-                found.append(os.path.relpath(os.path.join(folder, name), root))
-    return sorted(found)
+    """`(files, skipped)`: the relative paths of the PNG / JPEG / WebP images below `root`, sorted, and
+    `{relative path: reason}` of what the listing leaves out: image names that are dangling symbolic links,
+    symbolic-link loops or not regular files, links back to an enclosing folder, further paths to a folder
+    already listed, and folders that cannot be listed. Symbolic links to folders are followed; hidden names
+    are ignored."""
+    files, skipped = [], {}
+    top = {_folder_key(os.stat(root)): "."}
+    listed = dict(top)  # (device, inode) of every folder listed -> its relative path
+    pending = [(root, top)]  # (folder, {key: relative path} of it and its enclosing folders)
+    links = []  # linked folders, followed after the real ones so that a real folder keeps its own path
+
+    def add(path, rel, key, enclosing):
+        if key in enclosing:
+            where = root if enclosing[key] == "." else enclosing[key]
+            skipped[rel] = f"symlink loop: links to the enclosing folder {where}"
+        elif key in listed:
+            skipped[rel] = f"the same folder as {listed[key]}, listed already"
+        else:
+            listed[key] = rel
+            pending.append((path, {**enclosing, key: rel}))
+
+    while pending or links:
+        if not pending:
+            add(*links.pop(0))
+            continue
+        folder, enclosing = pending.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            skipped[os.path.relpath(folder, root)] = f"cannot list the folder: {e.strerror or e}"
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            rel = os.path.relpath(entry.path, root)
+            is_image = entry.name.lower().endswith(IMAGE_EXTENSIONS)
+            try:
+                if entry.is_symlink():
+                    entry.stat()  # a dangling link or a loop of links fails here
+                key = _folder_key(entry.stat()) if entry.is_dir() else None
+            except OSError as e:
+                if is_image:
+                    skipped[rel] = _os_fault(entry.path, e)
+                continue
+            if key is None:
+                if is_image and entry.is_file():
+                    files.append(rel)
+                elif is_image:
+                    skipped[rel] = "not a regular file"
+            elif entry.is_symlink():
+                links.append((entry.path, rel, key, enclosing))
+            else:
+                add(entry.path, rel, key, enclosing)
+    return sorted(files), skipped
 
 
-def find_unreadable(root, files):
-    """`{relative path: reason}` of the files that do not decode as images (one parallel pass)."""
+def _folder_key(st):
+    return st.st_dev, st.st_ino
+
+
+def _os_fault(path, error):
+    """The reason an `OSError` on `path` gives, naming dangling symbolic links and loops of links."""
+    if error.errno == errno.ELOOP:
+        return "symlink loop"
+    if error.errno == errno.ENOENT and os.path.islink(path):
+        try:
+            return f"dangling symlink to {os.readlink(path)}"
+        except OSError:
+            return "dangling symlink"
+    return error.strerror or str(error)
+
+
+def _stat_key(path):
+    """`(size, whole-second mtime)` of `path`, as the manifest's signatures see it, or None if it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, int(st.st_mtime)
+
+
+def _open_fault(path):
+    """Why `path` cannot be opened for reading (see `_os_fault`), or None if it can."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as e:
+        return _os_fault(path, e)
+
+
+def read_error_text(error):
+    """A TensorFlow error's message on one line: the text of a failed assertion, or the message without
+    TensorFlow's function-node and op annotations."""
+    text = " ".join((error.message or "").split())
+    assertion = re.search(r"assertion failed: \[(.*?)\] \[\[", text)
+    if assertion:
+        return assertion.group(1)
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
+    text = re.sub(r"\s*(\[\[|\[Op:).*$", "", text)
+    return text or type(error).__name__
+
+
+def fingerprint(contents):
+    """A 63-bit fingerprint (FarmHash) of a string tensor: what an image file held when it was checked."""
+    return tf.strings.to_hash_bucket_fast(contents, np.iinfo(np.int64).max)
+
+
+def check_images(root, files):
+    """`{"unreadable": {relative path: reason}, "fingerprints": [...]}`: the files that do not decode as images
+    (one parallel pass) and, for every file in order, the fingerprint of the bytes that decoded (0 if none)."""
     paths = [os.path.join(root, f) for f in files]
 
     def decodes(i):
-        image = tf.io.decode_image(tf.io.read_file(tf.gather(paths, i)), channels=3, expand_animations=False)
-        return i, tf.shape(image)[0]
+        contents = tf.io.read_file(tf.gather(paths, i))
+        image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+        return i, fingerprint(contents), tf.shape(image)[0]
 
     ds = tf.data.Dataset.range(len(paths)).map(decodes, num_parallel_calls=AUTOTUNE, deterministic=False)
     logging.info("checking that the %d images in %s decode (once; the result is kept in %s)", len(paths), root,
                  _manifest_path(root))
-    readable = set()
-    for i, _ in ds.ignore_errors().as_numpy_iterator():
-        readable.add(int(i))
-        if len(readable) % 5000 == 0:
-            logging.info("checked %d of %d images", len(readable), len(paths))
+    fingerprints = [0] * len(paths)
+    checked = 0
+    for i, value, _ in ds.ignore_errors().as_numpy_iterator():
+        fingerprints[i] = int(value)
+        checked += 1
+        if checked % 5000 == 0:
+            logging.info("checked %d of %d images", checked, len(paths))
     bad = {}
-    for i in sorted(set(range(len(paths))) - readable):
+    for i in (i for i, value in enumerate(fingerprints) if not value):
         try:
+            os.stat(paths[i])
             tf.io.decode_image(tf.io.read_file(paths[i]), channels=3, expand_animations=False)
             bad[files[i]] = "unreadable"
+        except OSError as e:
+            bad[files[i]] = _os_fault(paths[i], e)
         except tf.errors.OpError as e:
-            bad[files[i]] = (e.message or type(e).__name__).strip().splitlines()[0]
-    return bad
+            bad[files[i]] = read_error_text(e)
+    return {"unreadable": bad, "fingerprints": fingerprints}
 
 
 def _folder_source(config, data_dir, strict):
@@ -344,33 +499,82 @@ def _folder_source(config, data_dir, strict):
         raise DataError(f"{name}: --data_dir is required: a folder with {expected}")
     if not os.path.isdir(data_dir):
         raise DataError(f"{name}: data_dir {data_dir} does not exist; expected a folder with {expected}")
-    files = list_images(data_dir)
-    if not files:
+    files, bad = list_images(data_dir)
+    if not files and not bad:
         raise DataError(f"{name}: no images in {data_dir}; expected {expected}")
-    bad = _cached(data_dir, "unreadable", _signature([os.path.join(data_dir, f) for f in files]),
-                  lambda: find_unreadable(data_dir, files))
+    checked = _cached(data_dir, "images", _signature([os.path.join(data_dir, f) for f in files]),
+                      lambda: check_images(data_dir, files))
+    bad.update(checked["unreadable"])
     if bad:
         listing = "; ".join(f"{f}: {reason}" for f, reason in sorted(bad.items())[:20])
         more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
         if strict:
             raise DataError(f"{name}: {len(bad)} unreadable image(s) in {data_dir}: {listing}{more}")
         logging.warning("%s: skipping %d unreadable image(s) in %s: %s%s", name, len(bad), data_dir, listing, more)
+    fingerprints = dict(zip(files, checked["fingerprints"]))
     good = [f for f in files if f not in bad]
+    if not good:
+        raise DataError(f"{name}: no readable images in {data_dir}; expected {expected}")
     splits = _folder_splits(data_dir, good, config.seed, validation_fraction=0.1)
     size, channels = config.image_size, config.image_channels
+    failed = {}  # path -> message of the files that failed while read; they are not tried again
+    lock = threading.Lock()
+
+    def changed(path):
+        """`(image, decodes, message)` of a file whose bytes are not those checked at open (or that is gone):
+        its preprocessed image, or zeros, False and a message naming it. The first failure is logged."""
+        path = path.numpy().decode()
+        blank = tf.zeros((size, size, channels), tf.uint8)
+        if path in failed:
+            return blank, False, failed[path]
+        try:
+            os.stat(path)
+            image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
+            return center_crop_resize(image, size), True, ""
+        except OSError as e:
+            reason = f"gone since the folder check: {_os_fault(path, e)}"
+        except tf.errors.OpError as e:
+            reason = f"changed since the folder check and no longer decodes: {read_error_text(e)}"
+        with lock:
+            first = path not in failed
+            failed[path] = f"{name}: unreadable image {path}: {reason}"
+            bad[os.path.relpath(path, data_dir)] = reason
+        if first and not strict:
+            logging.warning("%s: skipping %s: %s", name, path, reason)
+        return blank, False, failed[path]
+
+    def load(path, pattern, checked_fingerprint):
+        # Bytes identical to those checked at open are decoded here; anything else (a file changed in place,
+        # truncated, deleted or replaced) is decoded in Python, where a failure can be caught and the file named.
+        present = tf.size(tf.io.matching_files(pattern)) > 0
+        contents = tf.cond(present, lambda: tf.io.read_file(path), lambda: tf.constant(""))
+
+        def unchanged():
+            image = tf.io.decode_image(contents, channels=channels, expand_animations=False)
+            return center_crop_resize(image, size), tf.constant(True)
+
+        def other():
+            image, ok, message = tf.py_function(changed, [path], (tf.uint8, tf.bool, tf.string))
+            if strict:
+                with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
+                    ok = tf.identity(ok)
+            return image, ok
+
+        same = tf.logical_and(present, tf.equal(fingerprint(contents), checked_fingerprint))
+        image, ok = tf.cond(same, unchanged, other)
+        return tf.ensure_shape(image, (size, size, channels)), ok
 
     def read(split, shard=None, shuffle_files=False, seed=None):
         paths = [os.path.join(data_dir, f) for f in splits[split]]
-        ds = tf.data.Dataset.from_tensor_slices(paths)
+        patterns = [re.sub(r"([*?\[\\])", r"\\\1", p) for p in paths]  # matched literally by matching_files
+        checked_fingerprints = np.array([fingerprints[f] for f in splits[split]], np.int64)
+        ds = tf.data.Dataset.from_tensor_slices((paths, patterns, checked_fingerprints))
         if shard:
             ds = ds.shard(*shard)
         if shuffle_files:
             ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-
-        def load(path):
-            image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
-            return tf.ensure_shape(center_crop_resize(image, size), (size, size, channels))
-        return ds.map(load, num_parallel_calls=AUTOTUNE)
+        ds = ds.map(load, num_parallel_calls=AUTOTUNE).filter(lambda image, ok: ok)
+        return ds.map(lambda image, ok: image)
 
     sizes = {split: len(names) for split, names in splits.items()}
     return Source(name, config.image_shape, sizes, read, location=data_dir, unreadable=bad)
@@ -414,12 +618,16 @@ def _digits_source(config):
 
 # Manifest: results of slow passes over the data, remembered beside it -------------------------------------------------
 def _signature(paths, stat=True):
+    """A hash of `paths` and, with `stat`, of each file's size and whole-second mtime (or its stat error)."""
     h = hashlib.sha1()
     for p in paths:
         h.update(p.encode())
         if stat:
-            st = os.stat(p)
-            h.update(f":{st.st_size}:{int(st.st_mtime)}".encode())
+            try:
+                st = os.stat(p)
+                h.update(f":{st.st_size}:{int(st.st_mtime)}".encode())
+            except OSError as e:  # gone since it was listed: the signature then differs from any earlier one
+                h.update(f":{e.errno}".encode())
     return h.hexdigest()
 
 
@@ -494,6 +702,9 @@ def main(argv):
         _inspect(config, source, fv.split, fv.out, fv.deterministic)
     except (config_lib.ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except tf.errors.OpError as e:  # a file that failed while read, e.g. under --strict_data
+        print(f"error: {read_error_text(e)}", file=sys.stderr)
         return 2
     return 0
 

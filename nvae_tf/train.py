@@ -472,9 +472,11 @@ class Trainer:
         saved_step = step
         while step < last and not stop_requested():
             epoch, offset = divmod(step, self.steps_per_epoch)
+            batches = 0
             for images in self._train_data(epoch, offset):
                 metrics = self.train_step(images)
                 step += 1
+                batches += 1
                 if int(self.consecutive_skipped.numpy()) >= self.max_skipped_steps:
                     raise TrainingError(
                         f"{self.max_skipped_steps} consecutive steps had a non-finite loss or gradient (step {step}). "
@@ -495,6 +497,14 @@ class Trainer:
                     break
             if stop_requested():
                 break
+            if step < last and step % self.steps_per_epoch:
+                # The epoch's data ran out early (images that became unreadable were skipped): the data
+                # position moves on to the next epoch.
+                end = (epoch + 1) * self.steps_per_epoch
+                logging.warning("epoch %d gave %d batches fewer than its %d (images skipped while reading); "
+                                "going on at step %d", epoch + 1, end - step, self.steps_per_epoch, end)
+                step = end
+                self.step.assign(step)
             if step % self.steps_per_epoch == 0:
                 self._end_of_epoch(step, epoch, stop_requested)
         if stop_requested():
@@ -633,6 +643,12 @@ def main(argv):
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except tf.errors.InvalidArgumentError as e:
+        if "unreadable image" not in str(e):
+            raise
+        print(f"error: {data_lib.read_error_text(e)} (--strict_data); the newest checkpoint is "
+              f"{trainer.manager.latest_checkpoint or 'none'}", file=sys.stderr)
+        return 2
     finally:
         if lock:
             lock.release()

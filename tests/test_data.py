@@ -3,8 +3,10 @@
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -26,6 +28,29 @@ def config_for(dataset, **overrides):
 
 def images_of(ds):
     return np.concatenate([b.numpy() for b in ds], axis=0)
+
+
+def finishes(fn, seconds=120):
+    """`fn()`, failing the test if it has not returned within `seconds` (a loop that never ends)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            outcome["error"] = e
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"did not finish within {seconds} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def warnings_naming(caplog, path):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and path in r.getMessage()]
 
 
 def write_image(path, array, fmt="png"):
@@ -172,6 +197,44 @@ def test_glow_tfrecords_of_the_wrong_image_size_are_refused_naming_the_file(tmp_
         data.open_source(config_for("celebahq"), str(tmp_path))
 
 
+@pytest.mark.parametrize("how", ["truncated", "deleted"])
+def test_a_glow_file_damaged_after_open_is_named_once_and_the_other_records_are_read(how, tmp_path, caplog):
+    rng = np.random.default_rng(6)
+    train = rng.integers(0, 256, (7, 256, 256, 3), dtype=np.uint8)
+    damaged = str(tmp_path / "train" / "a.tfrecords")
+    data.write_glow_records(damaged, train[:4])
+    data.write_glow_records(str(tmp_path / "train" / "b.tfrecords"), train[4:])
+    data.write_glow_records(str(tmp_path / "validation" / "v.tfrecords"), train[:2])
+    config = config_for("celebahq")
+    source = data.open_source(config, str(tmp_path))
+    strict = data.open_source(config, str(tmp_path), strict=True)
+    if how == "truncated":  # in the middle of the third of its four records
+        with open(damaged, "r+b") as f:
+            f.truncate(os.path.getsize(damaged) * 5 // 8)
+    else:
+        os.remove(damaged)
+    kept = train[:2] if how == "truncated" else train[:0]
+    with caplog.at_level(logging.WARNING):
+        got = finishes(lambda: images_of(source.dataset("train", 1, training=False)))
+        batches = finishes(lambda: [b.shape[0] for _ in range(2)
+                                    for b in source.dataset("train", 2, training=True, cache=False)])
+    assert sorted(g.tobytes() for g in got) == sorted(t.tobytes() for t in [*kept, *train[4:]])
+    assert set(batches) == {2} and len(batches) == 2 * (len(got) // 2)
+    named = warnings_naming(caplog, damaged)
+    assert len(named) == 1, named
+    assert ("2 of its 4 records readable" if how == "truncated" else "No such file or directory") in named[0]
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+        finishes(lambda: images_of(strict.dataset("train", 1, training=False)))
+    assert data.read_error_text(e.value).startswith(f"celebahq: {damaged} ")
+    if how == "truncated":  # found when the folder is opened again
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert data.open_source(config, str(tmp_path)).sizes == {"train": 5, "validation": 2}
+        assert re.search(re.escape(damaged) + r": truncated record .*\(after record 2\)", caplog.text)
+        with pytest.raises(data.DataError, match=re.escape(damaged)):
+            data.open_source(config, str(tmp_path), strict=True)
+
+
 # -------------------------------------------------------------------------------------------- folders
 def make_folder(root, with_corrupt=True):
     rng = np.random.default_rng(2)
@@ -212,12 +275,12 @@ def test_image_folder_reads_every_format_skips_and_reports_the_corrupt_file(tmp_
     assert made["d.webp"].tobytes() in as_bytes  # written lossless
     # The scan is remembered in the manifest: a second open does not decode again.
     calls = []
-    original = data.find_unreadable
-    data.find_unreadable = lambda *a: calls.append(a) or original(*a)
+    original = data.check_images
+    data.check_images = lambda *a: calls.append(a) or original(*a)
     try:
         again = data.open_source(config, root)
     finally:
-        data.find_unreadable = original
+        data.check_images = original
     assert not calls and again.unreadable == source.unreadable
 
 
@@ -226,6 +289,139 @@ def test_strict_data_stops_at_the_corrupt_file(tmp_path):
     make_folder(root)
     with pytest.raises(data.DataError, match=r"broken\.png"):
         data.open_source(config_for("folder", image_size=16), root, strict=True)
+
+
+LINK_FAULTS = {
+    # fault: ({link: target}, the paths skipped, the reason given for them)
+    "dangling symlink": ({"gone.png": "nowhere.png"}, ["gone.png"], "dangling symlink to nowhere.png"),
+    "file symlink loop": ({"loop1.png": "loop2.png", "loop2.png": "loop1.png"}, ["loop1.png", "loop2.png"],
+                          "symlink loop"),
+    "folder symlink loop": ({os.path.join("nested", "loop"): ".."}, [os.path.join("nested", "loop")],
+                            "symlink loop: links to the enclosing folder {root}"),
+}
+
+
+@pytest.mark.parametrize("fault", LINK_FAULTS)
+def test_broken_symlinks_are_skipped_and_named_and_stop_strict_runs(fault, tmp_path, caplog):
+    root = str(tmp_path / "images")
+    made = make_folder(root, with_corrupt=False)
+    links, skipped, reason = LINK_FAULTS[fault]
+    reason = reason.format(root=root)
+    for link, target in links.items():
+        os.symlink(target, os.path.join(root, link))
+    config = config_for("folder", image_size=16)
+    with caplog.at_level(logging.WARNING):
+        source = finishes(lambda: data.open_source(config, root))
+    assert source.unreadable == {path: reason for path in skipped}
+    assert all(f"{path}: {reason}" in caplog.text for path in skipped)
+    # Every image once: none is listed again through the loop.
+    images = np.concatenate([images_of(source.dataset(s, 1, training=False)) for s in source.sizes])
+    assert sum(source.sizes.values()) == len(images) == len(made)
+    assert {i.tobytes() for i in images} >= {made["a.png"].tobytes(), made["more/0.png"].tobytes()}
+    with pytest.raises(data.DataError) as e:
+        finishes(lambda: data.open_source(config, root, strict=True))
+    assert all(f"{path}: {reason}" in str(e.value) for path in skipped)
+
+
+def test_a_pipe_named_like_an_image_is_skipped_and_never_read(tmp_path):
+    root = str(tmp_path / "images")
+    made = make_folder(root, with_corrupt=False)
+    os.mkfifo(os.path.join(root, "pipe.png"))  # reading it would block forever
+    source = finishes(lambda: data.open_source(config_for("folder", image_size=16), root))
+    assert source.unreadable == {"pipe.png": "not a regular file"}
+    assert sum(source.sizes.values()) == len(made)
+
+
+def test_symlinked_folders_are_followed_and_each_folder_is_listed_once(tmp_path):
+    root, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    rng = np.random.default_rng(7)
+    for folder, n in ((root / "own", 2), (elsewhere, 3)):
+        for i in range(n):
+            write_image(str(folder / f"{i}.png"), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    os.symlink(elsewhere, root / "a_link")
+    os.symlink(elsewhere, root / "b_link")
+    os.symlink(root / "own", root / "a_own_link")  # sorts before the real folder, which keeps its own path
+    files, skipped = finishes(lambda: data.list_images(str(root)))
+    assert files == [os.path.join("a_link", f"{i}.png") for i in range(3)] + [os.path.join("own", f"{i}.png")
+                                                                               for i in range(2)]
+    assert skipped == {"b_link": "the same folder as a_link, listed already",
+                       "a_own_link": "the same folder as own, listed already"}
+
+
+def damage(path, how):
+    """Damage the image at `path` in place: `how` is garbage (same size and mtime, so the manifest's signature
+    still matches), truncated, deleted, dangling symlink, or another image (a valid PNG of other pixels)."""
+    st = os.stat(path)
+    if how == "garbage":
+        with open(path, "wb") as f:
+            f.write(np.random.default_rng(8).integers(0, 256, st.st_size, dtype=np.uint8).tobytes())
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    elif how == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(st.st_size // 2)
+    elif how == "another image":
+        write_image(path, np.full((16, 16, 3), 7, np.uint8))
+    else:
+        os.remove(path)
+        if how == "dangling symlink":
+            os.symlink("nowhere.png", path)
+
+
+READ_TIME_FAULTS = {
+    "garbage": "changed since the folder check and no longer decodes: ",
+    "truncated": "changed since the folder check and no longer decodes: ",
+    "deleted": "gone since the folder check: No such file or directory",
+    "dangling symlink": "gone since the folder check: dangling symlink to nowhere.png",
+}
+
+
+@pytest.mark.parametrize("how", READ_TIME_FAULTS)
+def test_an_image_damaged_after_open_is_skipped_and_named_once_while_read(how, tmp_path, caplog):
+    root = str(tmp_path / "images")
+    made = make_folder(root, with_corrupt=False)
+    source = data.open_source(config_for("folder", image_size=16), root)
+    bad = os.path.join("more", "3.png")
+    damage(os.path.join(root, bad), how)
+    with caplog.at_level(logging.WARNING):
+        evaluation = {s: finishes(lambda s=s: images_of(source.dataset(s, 1, training=False)))
+                      for s in source.sizes}
+        batches = finishes(lambda: [b.shape[0] for _ in range(2)
+                                    for b in source.dataset("train", 2, training=True, cache=False)])
+        trained = finishes(lambda: len(images_of(source.dataset("train", 1, training=True, cache=False))))
+    # Evaluation keeps every other image, unchanged; training skips the same one and its batches stay full.
+    images = np.concatenate(list(evaluation.values()))
+    assert len(images) == len(made) - 1
+    readable = {made[name].tobytes() for name in ("a.png", "d.webp", *(f"more/{i}.png" for i in (0, 1, 2, 4)))}
+    assert readable <= {i.tobytes() for i in images}
+    assert trained == len(evaluation["train"]) == source.sizes["train"] - 1  # more/3.png is a training image
+    assert set(batches) == {2} and len(batches) == 2 * (trained // 2)
+    named = warnings_naming(caplog, os.path.join(root, bad))
+    assert len(named) == 1, named
+    assert READ_TIME_FAULTS[how] in named[0]
+    assert source.unreadable[bad].startswith(READ_TIME_FAULTS[how])
+
+
+def test_an_image_replaced_by_another_valid_image_after_open_is_read(tmp_path, caplog):
+    root = str(tmp_path / "images")
+    made = make_folder(root, with_corrupt=False)
+    source = data.open_source(config_for("folder", image_size=16), root)
+    damage(os.path.join(root, "more", "3.png"), "another image")
+    with caplog.at_level(logging.WARNING):
+        images = np.concatenate([images_of(source.dataset(s, 1, training=False)) for s in source.sizes])
+    assert len(images) == len(made) and not caplog.records
+    assert np.full((16, 16, 3), 7, np.uint8).tobytes() in {i.tobytes() for i in images}
+
+
+def test_strict_data_stops_while_reading_at_an_image_damaged_after_open(tmp_path):
+    root = str(tmp_path / "images")
+    make_folder(root, with_corrupt=False)
+    source = data.open_source(config_for("folder", image_size=16), root, strict=True)
+    bad = os.path.join(root, "more", "3.png")
+    damage(bad, "garbage")
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+        finishes(lambda: [images_of(source.dataset(s, 1, training=False)) for s in source.sizes])
+    assert data.read_error_text(e.value).startswith(
+        f"folder: unreadable image {bad}: changed since the folder check and no longer decodes: ")
 
 
 def test_folder_images_are_centre_cropped_and_resized():
@@ -241,15 +437,15 @@ def test_folder_split_is_seeded_reproducible_and_disjoint(tmp_path):
     for i in range(40):
         write_image(os.path.join(root, f"{i:03d}.png"), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
     config = config_for("folder", image_size=8, seed=5)
-    first = data._folder_splits(root, data.list_images(root), seed=5, validation_fraction=0.1)
+    first = data._folder_splits(root, data.list_images(root)[0], seed=5, validation_fraction=0.1)
     os.remove(os.path.join(root, data.MANIFEST))
-    second = data._folder_splits(root, data.list_images(root), seed=5, validation_fraction=0.1)
-    other = data._folder_splits(root, data.list_images(root), seed=6, validation_fraction=0.1)
+    second = data._folder_splits(root, data.list_images(root)[0], seed=5, validation_fraction=0.1)
+    other = data._folder_splits(root, data.list_images(root)[0], seed=6, validation_fraction=0.1)
     assert first == second
     assert first["validation"] != other["validation"]
     assert len(first["validation"]) == 4 and len(first["train"]) == 36
     assert not set(first["train"]) & set(first["validation"])
-    assert set(first["train"]) | set(first["validation"]) == set(data.list_images(root))
+    assert set(first["train"]) | set(first["validation"]) == set(data.list_images(root)[0])
     source = data.open_source(config, root)
     assert source.sizes == {"train": 36, "validation": 4}
 
@@ -363,6 +559,29 @@ def test_inspect_of_a_missing_folder_fails_naming_it(tmp_path):
     result = run_data_cli("--flagfile=configs/folder64.flags", f"--data_dir={missing}", "--inspect")
     assert result.returncode == 2
     assert f"data_dir {missing} does not exist" in result.stderr
+
+
+def test_inspect_skips_and_names_an_image_that_changed_since_the_manifest_and_strict_data_stops_there(tmp_path):
+    root = tmp_path / "images"
+    rng = np.random.default_rng(9)
+    for split, n in (("train", 8), ("validation", 2)):
+        for i in range(n):
+            write_image(str(root / split / f"{i}.png"), rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    data.open_source(config_for("folder", image_size=16), str(root))  # the manifest: every image decodes
+    bad = str(root / "train" / "3.png")
+    damage(bad, "garbage")  # same size and mtime: the manifest still matches the folder
+    args = ("--flagfile=configs/folder64.flags", f"--data_dir={root}", "--image_size=16", "--batch_size=4",
+            "--inspect")
+    result = run_data_cli(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "train 8, validation 2" in result.stdout and "shape [4, 16, 16, 3]" in result.stdout
+    assert result.stderr.count(bad) == 1
+    assert re.search(re.escape(bad) + ": changed since the folder check and no longer decodes: ", result.stderr)
+    strict = run_data_cli(*args, "--strict_data")
+    assert strict.returncode == 2
+    assert strict.stderr.strip().splitlines()[-1].startswith(
+        f"error: folder: unreadable image {bad}: changed since the folder check and no longer decodes: ")
+    assert "Traceback" not in strict.stderr
 
 
 def test_uncached_training_data_is_shuffled_at_the_file_level(tmp_path, monkeypatch):

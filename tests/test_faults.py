@@ -581,3 +581,33 @@ def test_evaluate_shows_progress_before_the_first_batch_ends(trained_run, tmp_pa
     lines = [line for line in r.stderr.splitlines() if "/2 images" in line]
     assert lines and "first batch in progress" in lines[0], r.stderr[-3000:]
     assert lines[-1].startswith("[##############################] 2/2 images")
+
+
+# ======================================================================== 7. data faults at read time
+def test_an_image_that_stops_decoding_during_training_is_skipped_and_the_epoch_ends_short(tmp_path):
+    """Nine images (8 for training: 4 steps of 2 per epoch); after the folder check one training image is
+    overwritten with garbage of the same size and time stamp, so the check's record still matches. Training
+    names it, skips it, ends each epoch a batch early and goes on to the next epoch."""
+    from PIL import Image
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(9):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    common = ["--flagfile=configs/tiny.flags", f"--data_dir={folder}"]
+    inspect = run_side_by_side("nvae_tf.data", {"i": [*common, "--inspect", f"--out={tmp_path}/batch.png"]})["i"]
+    assert inspect.rc == 0, inspect.stderr[-3000:]
+    with open(folder / ".nvae_tf_manifest.json") as f:
+        validation = json.load(f)["split/seed1"]["value"]["validation"]
+    bad = folder / sorted(set(os.listdir(folder)) - set(validation) - {".nvae_tf_manifest.json"})[0]
+    stat = bad.stat()
+    bad.write_bytes(b"\0" * stat.st_size)
+    os.utime(bad, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    r = run_side_by_side("nvae_tf.train", {"t": [*common, f"--model_dir={tmp_path}/run", "--batch_size=2",
+                                                 "--epochs=2", "--log_every=1", "--eval_batches=1"]})["t"]
+    assert r.rc == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert sum(bad.name in line for line in r.stderr.splitlines() if "unreadable" in line or "decode" in line) >= 1
+    assert "epoch 1 gave 1 batches fewer than its 4 (images skipped while reading); going on at step 4" in r.stderr
+    assert "stopped at step 8" in r.stderr
+    assert checkpoint_steps(str(tmp_path / "run")) == [8]
