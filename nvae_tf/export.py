@@ -13,8 +13,13 @@ SavedModel signatures:
   serving_default  num_samples int32, temperature float32, seed int64 -> images uint8 [num_samples, H, W, C]
   reconstruct      images uint8 [batch, H, W, C] -> images uint8 (one posterior sample, decoded)
   nelbo            images uint8 [batch, H, W, C] -> bpd float32 [batch] (negative ELBO in bits/dim)
-Requests are checked in the graph: 1 <= num_samples <= --max_samples, 0 < temperature <= 2, image batches of
-1..--max_samples; a bad request fails with an InvalidArgument error that names the input.
+Inputs are declared with unknown shapes and checked in the graph before any other op reads them: scalars
+with 1 <= num_samples <= --max_samples and 0 < temperature <= 2 (NaN, infinities and denormals refused),
+images of exactly [1..--max_samples, H, W, C]. A bad request fails with one InvalidArgument error naming the
+input and what it must be, e.g. "images must be [1..64, 16, 16, 1] uint8, got shape] [16 16 1]".
+
+The TFLite sampler cannot raise errors with builtin ops: a temperature the SavedModel refuses gives all-zero
+images and the output valid = 0; any other gives valid = 1 and the SavedModel's images.
 
 Noise comes from `HashNoise`, a counter-based generator made of builtin integer ops (xor, multiply, floor
 division and modulo), used by the SavedModel and the TFLite sampler alike, so a server and a phone give the
@@ -25,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import sys
 import time
 
@@ -37,6 +43,8 @@ FLAGS = flags.FLAGS
 SEED_MODULUS = 2 ** 31 - 1
 _MIX_1, _MIX_2 = 0x7FEB352D, 0x846CA68B - 2 ** 32  # multipliers of a 32-bit integer hash (as int32)
 _STREAM = 0x2545F491
+_MIN_TEMPERATURE_BITS = 0x00800000  # the bits of the smallest normal float32, 2^-126
+_MAX_TEMPERATURE_BITS = struct.unpack("<i", struct.pack("<f", MAX_TEMPERATURE))[0]
 
 
 def define_flags():
@@ -107,70 +115,125 @@ class HashNoise:
         return tf.cast(tf.sqrt(-2.0 * tf.math.log(u1)) * tf.cos(2.0 * math.pi * u2), dtype)
 
 
+def temperature_ok(temperature):
+    """Boolean tensor, elementwise on float32 `temperature`: smallest normal float32 <= temperature <= 2, so
+    zero, negatives, denormals, infinities and NaN are refused.
+
+    The bounds are compared with the float's bits as int32 (for floats >= 0 the integer order is the float
+    order, and negative floats are negative integers). Integer comparisons give the same answer everywhere,
+    float ones do not: TensorFlow flushes denormals to zero and TFLite does not, and float16 quantisation of
+    the TFLite sampler turns a float constant as small as the smallest normal float into 0.
+    """
+    import tensorflow as tf
+    bits = tf.bitcast(temperature, tf.int32)
+    return tf.logical_and(bits >= _MIN_TEMPERATURE_BITS, bits <= _MAX_TEMPERATURE_BITS)
+
+
 def _to_uint8(images):
     import tensorflow as tf
     return tf.cast(tf.round(tf.clip_by_value(images, 0.0, 1.0) * 255.0), tf.uint8)
 
 
 # ------------------------------------------------------------------------------------------- signatures
+def _checked(rules):
+    """The inputs of `rules`, a list of `(name, value, ok, requirement, got, shown, shape)`, once every check
+    passed, in the order of `rules` and with the static shapes `shape` (None: any size).
+
+    `ok` is a boolean scalar computed from `value` by ops that accept any shape; a failed check raises
+    InvalidArgument "<name> must be <requirement>, <got>" followed by `shown` (the value or its shape). The checks
+    run one after another, so a request with several bad inputs names the first of them, and every op that
+    reads a returned value runs after all of them.
+    """
+    import tensorflow as tf
+    check = None
+    for name, _, ok, requirement, got, shown, _ in rules:
+        with tf.control_dependencies([check] if check is not None else []):
+            check = tf.debugging.Assert(ok, [f"{name} must be {requirement}, {got}", shown], summarize=8,
+                                        name=f"check_{name}")
+    with tf.control_dependencies([check]):
+        # A reshape, not tf.ensure_shape: Grappler's shape inference carries the shape that ensure_shape asserts
+        # back to its input, constant-folds tf.rank(value) in `ok`, and the check passes a tensor of the wrong
+        # rank on.
+        return [tf.reshape(value, [-1 if d is None else d for d in shape]) for _, value, *_, shape in rules]
+
+
 class Signatures:
-    """The exported computations of one model (inputs validated in the graph)."""
+    """The exported computations of one model.
+
+    Every SavedModel input is declared with an unknown shape: TF Serving feeds tensors into the graph without
+    comparing them with the declared shapes, so the checks inside the graph are what guards the model, and
+    they must not rest on shapes the graph was told to assume.
+    """
 
     def __init__(self, model, max_samples=64, pixels="sample"):
         self.model, self.config = model, model.config
         self.max_samples, self.pixels = int(max_samples), pixels
         self.image_shape = tuple(self.config.image_shape)
 
-    def specs(self):
-        import tensorflow as tf
-        images = tf.TensorSpec([None, *self.image_shape], tf.uint8, name="images")
+    def inputs(self):
+        """{signature: {input: (dtype name, shape, requirement)}}: what each input must be. `shape` is the
+        checked shape (None for the image batch), `requirement` the text of the error when a check fails."""
+        m, (h, w, c) = self.max_samples, self.image_shape
+        images = {"images": ("uint8", [None, h, w, c], f"[1..{m}, {h}, {w}, {c}] uint8")}
         return {
-            "serving_default": [tf.TensorSpec([], tf.int32, name="num_samples"),
-                                tf.TensorSpec([], tf.float32, name="temperature"),
-                                tf.TensorSpec([], tf.int64, name="seed")],
-            "reconstruct": [images],
-            "nelbo": [images],
+            "serving_default": {"num_samples": ("int32", [], f"an int32 scalar in [1, {m}]"),
+                                "temperature": ("float32", [], f"a float32 scalar in (0, {MAX_TEMPERATURE:g}]"),
+                                "seed": ("int64", [], "an int64 scalar")},
+            "reconstruct": images,
+            "nelbo": images,
         }
 
-    def _check_temperature(self, temperature):
+    def specs(self):
+        """{signature: [tf.TensorSpec]}: the declared inputs, dtypes only (shapes unknown)."""
         import tensorflow as tf
-        return [tf.debugging.assert_greater(temperature, 0.0, message="temperature must be > 0"),
-                tf.debugging.assert_less_equal(temperature, MAX_TEMPERATURE,
-                                               message=f"temperature must be <= {MAX_TEMPERATURE:g}")]
+        return {signature: [tf.TensorSpec(None, tf.as_dtype(dtype), name=name)
+                            for name, (dtype, _, _) in inputs.items()]
+                for signature, inputs in self.inputs().items()}
 
-    def _check_batch(self, n, what):
+    def _scalar_rule(self, name, value, in_range=None):
         import tensorflow as tf
-        return [tf.debugging.assert_greater_equal(n, 1, message=f"{what} must be >= 1"),
-                tf.debugging.assert_less_equal(n, self.max_samples,
-                                               message=f"{what} must be <= {self.max_samples} (the export's "
-                                                       f"--max_samples)")]
+        _, shape, requirement = self.inputs()["serving_default"][name]
+        ok = tf.equal(tf.rank(value), 0)
+        if in_range is not None:  # elementwise, so that it runs on a value of any shape
+            ok = tf.logical_and(ok, tf.reduce_all(in_range))
+        return name, value, ok, requirement, "got", value, shape
 
-    def sample_images(self, num_samples, temperature, seed):
-        """uint8 `[num_samples, H, W, C]`; no validation (the TFLite sampler calls this directly)."""
-        noise = HashNoise(seed)
-        images = self.model.sample(num_samples, temperature, noise=noise, mode=self.pixels)
-        return _to_uint8(images)
+    def _image_rule(self, images):
+        import tensorflow as tf
+        _, shape, requirement = self.inputs()["nelbo"]["images"]
+        # The first four sizes, zero-padded, can be compared with [1..max, H, W, C] whatever the rank is.
+        sizes = tf.shape(images)
+        first4 = tf.concat([sizes, tf.zeros([4], tf.int32)], 0)[:4]
+        ok = tf.reduce_all([tf.equal(tf.rank(images), 4), first4[0] >= 1, first4[0] <= self.max_samples,
+                            tf.reduce_all(tf.equal(first4[1:], self.image_shape))])
+        return "images", images, ok, requirement, "got shape", sizes, shape
+
+    def sample_pixels(self, num_samples, temperature, seed):
+        """float32 `[num_samples, H, W, C]` in [0, 1]; no validation (the TFLite sampler calls this directly)."""
+        return self.model.sample(num_samples, temperature, noise=HashNoise(seed), mode=self.pixels)
 
     def serving_default(self, num_samples, temperature, seed):
+        """{"images": uint8 `[num_samples, H, W, C]`} drawn at `temperature` with the noise of `seed`."""
         import tensorflow as tf
-        with tf.control_dependencies(self._check_batch(num_samples, "num_samples") +
-                                     self._check_temperature(temperature)):
-            num_samples = tf.identity(num_samples)
-        return {"images": self.sample_images(num_samples, temperature, seed)}
+        rules = [self._scalar_rule("num_samples", num_samples,
+                                   tf.logical_and(num_samples >= 1, num_samples <= self.max_samples)),
+                 self._scalar_rule("temperature", temperature, temperature_ok(temperature)),
+                 self._scalar_rule("seed", seed)]
+        return {"images": _to_uint8(self.sample_pixels(*_checked(rules)))}
 
     def reconstruct(self, images):
+        """{"images": uint8 `[batch, H, W, C]`}: each of `images` decoded from one posterior sample."""
         import tensorflow as tf
-        with tf.control_dependencies(self._check_batch(tf.shape(images)[0], "the image batch")):
-            images = tf.identity(images)
+        images, = _checked([self._image_rule(images)])
         noise = HashNoise(tf.constant(0, tf.int64))
         out = self.model(images, training=False, noise=noise)
         pixels = self.model.decode_pixels(out["decoder_params"], mode=self.pixels, noise=noise)
         return {"images": _to_uint8(pixels)}
 
     def nelbo(self, images):
+        """{"bpd": float32 `[batch]`}: the negative ELBO of each of `images` in bits per dimension."""
         import tensorflow as tf
-        with tf.control_dependencies(self._check_batch(tf.shape(images)[0], "the image batch")):
-            images = tf.identity(images)
+        images, = _checked([self._image_rule(images)])
         out = self.model(images, training=False, noise=HashNoise(tf.constant(0, tf.int64)))
         nats = -out["recon_log_prob"] + tf.reduce_sum(out["kl"], axis=1)
         return {"bpd": tf.cast(nats / (math.log(2.0) * self.config.data_dims), tf.float32)}
@@ -204,13 +267,22 @@ def export_saved_model(model, path, max_samples=64, pixels="sample"):
 
 
 def export_tflite(model, path, batch=1, pixels="sample", quantize="none", scratch=None):
-    """Write the TFLite sampler (inputs `temperature` float32 and `seed` int64 scalars, output `images` uint8
-    `[batch, H, W, C]`), converted with builtin ops only. Returns the number of sampler weights."""
+    """Write the TFLite sampler, converted with builtin ops only. Returns the number of sampler weights.
+
+    Inputs `temperature` float32 and `seed` int64 (scalars); outputs `images` uint8 `[batch, H, W, C]` and
+    `valid` int32 scalar. A temperature in (0, 2] gives valid = 1 and the SavedModel's images for that seed and
+    temperature; any other temperature (NaN, infinities and denormals included) gives valid = 0 and all-zero
+    images.
+    """
     import tensorflow as tf
     signatures = Signatures(model, batch, pixels)
 
     def sampler(temperature, seed):
-        return {"images": signatures.sample_images(batch, temperature, seed)}
+        # tf.debugging asserts are not TFLite builtins: a refused temperature is reported in an output instead.
+        valid = temperature_ok(temperature)
+        pixels = signatures.sample_pixels(batch, temperature, seed)
+        # Selected before the uint8 cast: TFLite's SELECT_V2 takes no uint8 (and NaN pixels never reach a cast).
+        return {"images": _to_uint8(tf.where(valid, pixels, 0.0)), "valid": tf.cast(valid, tf.int32)}
 
     spec = [tf.TensorSpec([], tf.float32, name="temperature"), tf.TensorSpec([], tf.int64, name="seed")]
     scratch = scratch or path + ".savedmodel.tmp"
@@ -238,8 +310,9 @@ def next_version(export_dir):
 
 def manifest(model, config, signatures, version, checkpoint, tflite_files, tflite_batch, sampler_weights,
              readjusted):
-    spec = {name: [{"name": s.name, "dtype": s.dtype.name, "shape": [d for d in s.shape]} for s in specs]
-            for name, specs in signatures.specs().items()}
+    spec = {signature: [{"name": name, "dtype": dtype, "shape": shape, "requirement": requirement}
+                        for name, (dtype, shape, requirement) in inputs.items()]
+            for signature, inputs in signatures.inputs().items()}
     outputs = {"serving_default": {"images": {"dtype": "uint8", "shape": [None, *config.image_shape]}},
                "reconstruct": {"images": {"dtype": "uint8", "shape": [None, *config.image_shape]}},
                "nelbo": {"bpd": {"dtype": "float32", "shape": [None]}}}
@@ -258,11 +331,17 @@ def manifest(model, config, signatures, version, checkpoint, tflite_files, tflit
         "batchnorm": f"readjusted at temperature {readjusted}" if readjusted else "training statistics",
         "pixels": signatures.pixels,
         "limits": {"num_samples": [1, signatures.max_samples], "temperature": [0.0, MAX_TEMPERATURE],
-                   "temperature_note": f"0 < temperature <= {MAX_TEMPERATURE:g}"},
+                   "temperature_note": f"0 < temperature <= {MAX_TEMPERATURE:g}; NaN, infinities and denormals "
+                                       "(below 1.2e-38) are refused"},
         "signatures": {name: {"inputs": spec[name], "outputs": outputs[name]} for name in spec},
+        "input_checks": "inputs are declared with unknown shapes and checked in the graph before any other op "
+                        "reads them; a request that fails a check gets INVALID_ARGUMENT "
+                        "'<input> must be <requirement>, got ...'",
         "tflite": {"files": tflite_files, "batch": tflite_batch, "sampler_weights": sampler_weights,
                    "inputs": {"temperature": "float32 scalar", "seed": "int64 scalar"},
-                   "outputs": {"images": f"uint8 {[tflite_batch, *config.image_shape]}"}} if tflite_files else None,
+                   "outputs": {"images": f"uint8 {[tflite_batch, *config.image_shape]}; all zero when valid is 0",
+                               "valid": f"int32 scalar: 1 if 0 < temperature <= {MAX_TEMPERATURE:g}, else 0 "
+                                        "(NaN, infinities and denormals included)"}} if tflite_files else None,
         "noise": "HashNoise: counter-based 32-bit integer hash, seed reduced modulo 2^31 - 1; identical in the "
                  "SavedModel and the TFLite sampler",
     }

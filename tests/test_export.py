@@ -6,7 +6,8 @@ Two runs are exported once per module, side by side (module-scoped fixtures):
   tiny    configs/tiny.flags (16x16 RGB, mixture of logistics, flows, 5-bit pixels), trained a few steps by
           `python -m nvae_tf.train` on a folder of random PNG files.
 Both are exported by the CLI with --tflite_batch=2 (tiny with --tflite_quantize=float16 too). The SavedModels
-are then loaded in fresh Python processes that cannot import nvae_tf, and shown by `saved_model_cli show`.
+are then loaded in fresh Python processes that cannot import nvae_tf, shown by `saved_model_cli show`, and fed
+good and malformed requests through TensorFlow's C session API, the way TF Serving feeds them (SERVER).
 A third run (a very small digits NVAE, untrained) serves the export CLI's error cases and, exported as version
 2 of an existing export directory, the in-process tests of the client and of the SavedModel's input checks.
 
@@ -43,8 +44,11 @@ SMALL = dict(num_channels_enc=4, num_channels_dec=4, num_latent_scales=1, num_gr
              min_groups_per_scale=1, num_preprocess_cells=1, num_postprocess_cells=1, num_latent_per_group=2)
 TINY_STEPS = 3
 KINDS = ("digits", "tiny")
-# (seed, temperature) pairs at which the TFLite samplers are compared with the SavedModel.
+FLT_MIN = float(np.finfo(np.float32).tiny)  # the smallest normal float32: the lowest temperature accepted
+ABOVE_2 = float(np.nextafter(np.float32(2.0), np.float32(3.0)))  # the float32 just above the highest
+# (seed, temperature) pairs at which the TFLite samplers are compared with the SavedModel; and the range's ends.
 TFLITE_PAIRS = ((1, 0.7), (123456789, 1.0), (-5, 0.4))
+TFLITE_ENDS = ((7, 2.0), (8, FLT_MIN))
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -215,6 +219,125 @@ print("RESULT " + json.dumps(info))
 '''
 
 
+# The code of a process that feeds a SavedModel the way TF Serving does. The graph is loaded into a
+# tf.compat.v1 Session and run through TF_SessionRun, the C API of the Session::Run that TF Serving calls: no
+# Python code compares the fed tensors with the signature's shapes (Session.run and saved_model_cli would
+# refuse a tensor of another shape before it reaches the graph). Each call's outputs (shape, dtype) or error
+# (class, first line) is reported; the process ends with exit 0 only if it survived every call.
+SERVER = r"""
+import sys
+sys.modules["nvae_tf"] = None
+import json
+import numpy as np
+import tensorflow as tf
+
+path, out, calls = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+tf.compat.v1.disable_eager_execution()
+session = tf.compat.v1.Session(graph=tf.Graph())
+with session.graph.as_default():
+    signatures = tf.compat.v1.saved_model.loader.load(session, ["serve"], path).signature_def
+
+
+def run(signature, inputs):
+    sig, graph = signatures[signature], session.graph
+    feeds = {graph.get_tensor_by_name(sig.inputs[k].name)._as_tf_output(): v for k, v in inputs.items()}
+    names = sorted(sig.outputs)
+    fetches = [graph.get_tensor_by_name(sig.outputs[k].name)._as_tf_output() for k in names]
+    return dict(zip(names, session._call_tf_sessionrun(None, feeds, fetches, [], None)))
+
+
+results, arrays = [], {}
+for signature, inputs in calls:
+    feed = {k: np.array(v["value"], v["dtype"]) if "value" in v else np.zeros(v["shape"], v["dtype"])
+            for k, v in inputs.items()}
+    try:
+        outputs = run(signature, feed)
+    except tf.errors.OpError as e:
+        results.append({"error": type(e).__name__, "message": e.message.splitlines()[0]})
+    else:
+        results.append({"outputs": {k: [list(v.shape), v.dtype.name] for k, v in outputs.items()}})
+        for k, v in outputs.items():
+            arrays[f"{len(results) - 1}_{k}"] = v
+np.savez(out, **arrays)
+print("RESULT " + json.dumps(results))
+"""
+
+def _scalars(dtypes=(), **values):
+    """serving_default's inputs: a valid request with `values` replaced, fed with the dtypes `dtypes`."""
+    values = {"num_samples": 2, "temperature": 0.7, "seed": 0, **values}
+    dtypes = {"num_samples": "int32", "temperature": "float32", "seed": "int64", **dict(dtypes)}
+    return {name: {"value": value, "dtype": dtypes[name]} for name, value in values.items()}
+
+
+def _images(*shape, dtype="uint8"):
+    return {"images": {"shape": list(shape), "dtype": dtype}}
+
+
+def bad_requests(channels):
+    """[(label, signature, inputs, refused input, end of the message)]: requests a server must refuse with
+    InvalidArgument "assertion failed: [<input> must be <requirement>, <end of the message>". Wrong dtypes have
+    None for both: the graph's placeholders refuse them before any op runs, with TensorFlow's own message."""
+    c, other = channels, 3 if channels == 1 else 1
+    shapes = {"rank 2": (16, 16), "rank 3 (one image)": (16, 16, c), "rank 3 (no channel axis)": (2, 16, 16),
+              "rank 5": (2, 16, 16, c, 1), "rank 5 (extra axis first)": (1, 2, 16, 16, c), "rank 0": (),
+              "height 8": (2, 8, 16, c), "height 17": (2, 17, 16, c), "width 15": (2, 16, 15, c),
+              "width 32": (2, 16, 32, c), f"{other} channels": (2, 16, 16, other), "4 channels": (2, 16, 16, 4),
+              "0 channels": (2, 16, 16, 0), "empty batch": (0, 16, 16, c),
+              "batch above max_samples": (MAX_SAMPLES + 1, 16, 16, c)}
+    out = []
+    for signature in ("reconstruct", "nelbo"):
+        for label, shape in shapes.items():
+            out.append((f"{signature} {label}", signature, _images(*shape), "images",
+                        "got shape] [" + " ".join(map(str, shape)) + "]"))
+        for dtype in ("float32", "int32"):
+            out.append((f"{signature} {dtype} images", signature, _images(2, 16, 16, c, dtype=dtype), None, None))
+    for label, inputs, name, shown in (
+            ("num_samples rank 1", dict(num_samples=[2, 3]), "num_samples", "[2 3]"),
+            ("num_samples rank 2", dict(num_samples=[[2]]), "num_samples", "[[2]]"),
+            ("num_samples empty", dict(num_samples=[]), "num_samples", "[]"),
+            ("num_samples 0", dict(num_samples=0), "num_samples", "[0]"),
+            ("num_samples -1", dict(num_samples=-1), "num_samples", "[-1]"),
+            ("num_samples above max_samples", dict(num_samples=MAX_SAMPLES + 1), "num_samples",
+             f"[{MAX_SAMPLES + 1}]"),
+            ("temperature rank 1", dict(temperature=[0.5, 0.7]), "temperature", "[0.5 0.7]"),
+            ("temperature NaN", dict(temperature=math.nan), "temperature", "[nan]"),
+            ("temperature 0", dict(temperature=0.0), "temperature", "[0]"),
+            ("temperature -0", dict(temperature=-0.0), "temperature", "[-0]"),
+            ("temperature -1", dict(temperature=-1.0), "temperature", "[-1]"),
+            ("temperature 3", dict(temperature=3.0), "temperature", "[3]"),
+            ("temperature above 2 by one ulp", dict(temperature=ABOVE_2), "temperature", "[2.00000024]"),
+            ("temperature inf", dict(temperature=math.inf), "temperature", "[inf]"),
+            ("temperature denormal", dict(temperature=FLT_MIN / 2), "temperature", "[0]"),
+            ("seed rank 1", dict(seed=[1, 2]), "seed", "[1 2]"),
+            ("seed rank 2", dict(seed=[[1]]), "seed", "[[1]]")):
+        out.append((f"serving_default {label}", "serving_default", _scalars(**inputs), name, f"got] {shown}"))
+    for name, dtype in (("num_samples", "int64"), ("temperature", "float64"), ("seed", "int32")):
+        out.append((f"serving_default {dtype} {name}", "serving_default", _scalars({name: dtype}), None, None))
+    return out
+
+
+def good_requests(channels):
+    """[(label, signature, inputs, expected outputs {name: (shape, dtype)})]: requests at the limits."""
+    image = (16, 16, channels)
+    return [("serving_default 3 at t = 0.7, seed 11", "serving_default",
+             _scalars(num_samples=3, temperature=0.7, seed=11), {"images": ((3, *image), "uint8")}),
+            (f"serving_default {MAX_SAMPLES} at t = 2", "serving_default",
+             _scalars(num_samples=MAX_SAMPLES, temperature=2.0, seed=5), {"images": ((MAX_SAMPLES, *image), "uint8")}),
+            ("serving_default 1 at the smallest normal temperature", "serving_default",
+             _scalars(num_samples=1, temperature=FLT_MIN, seed=6), {"images": ((1, *image), "uint8")}),
+            ("reconstruct 1 image", "reconstruct", _images(1, *image), {"images": ((1, *image), "uint8")}),
+            (f"reconstruct {MAX_SAMPLES} images", "reconstruct", _images(MAX_SAMPLES, *image),
+             {"images": ((MAX_SAMPLES, *image), "uint8")}),
+            ("nelbo 1 image", "nelbo", _images(1, *image), {"bpd": ((1,), "float32")}),
+            (f"nelbo {MAX_SAMPLES} images", "nelbo", _images(MAX_SAMPLES, *image),
+             {"bpd": ((MAX_SAMPLES,), "float32")})]
+
+
+def server_calls(channels):
+    """The calls of the server-like process: one good request, every bad one, then every good one."""
+    good, bad = good_requests(channels), bad_requests(channels)
+    return [(signature, inputs) for _, signature, inputs, *_ in [good[0], *bad, *good]]
+
 
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
@@ -222,7 +345,8 @@ def pipeline(tmp_path_factory):
     """Every subprocess of the module, each started as soon as what it needs is there (2 cores, no waiting):
 
         tiny:   train (subprocess) -> export (CLI) -> fresh process without nvae_tf + saved_model_cli show
-        digits: build + checkpoint (here) -> export (CLI) -> fresh process + saved_model_cli show
+                                                    + server-like process (SERVER: good and bad requests)
+        digits: build + checkpoint (here) -> export (CLI) -> fresh process + saved_model_cli show + server-like
         CLI:    (after the digits export) no checkpoint; --version=1 over an existing version; a second export
                 of a small run (auto version 2, --notflite)
     """
@@ -234,7 +358,7 @@ def pipeline(tmp_path_factory):
     for kind, ns in runs.items():
         ns.model_dir, ns.export_dir = str(base / f"{kind}_run"), str(base / f"{kind}_export")
         ns.version_dir = os.path.join(ns.export_dir, "1")
-        ns.npz = str(base / f"{kind}_fresh.npz")
+        ns.npz, ns.server_npz = str(base / f"{kind}_fresh.npz"), str(base / f"{kind}_server.npz")
     common = [f"--tflite_batch={TFLITE_BATCH}"]
     fresh_env = {k: v for k, v in child_env().items() if k != "PYTHONPATH"}
     fresh_cwd = str(tmp_path_factory.mktemp("fresh_cwd"))  # outside the repository: nothing there to import
@@ -243,8 +367,11 @@ def pipeline(tmp_path_factory):
     def start_served(kind):
         ns = runs[kind]
         procs[f"{kind}_fresh"] = Proc([sys.executable, "-c", FRESH, ns.version_dir, ns.npz, str(TFLITE_BATCH),
-                                       json.dumps(TFLITE_PAIRS)], base / f"{kind}_fresh", cwd=fresh_cwd,
-                                      env=fresh_env)
+                                       json.dumps(TFLITE_PAIRS + TFLITE_ENDS)], base / f"{kind}_fresh",
+                                      cwd=fresh_cwd, env=fresh_env)
+        procs[f"{kind}_server"] = Proc([sys.executable, "-c", SERVER, ns.version_dir, ns.server_npz,
+                                        json.dumps(server_calls(ns.channels))], base / f"{kind}_server",
+                                       cwd=fresh_cwd, env=fresh_env)
         procs[f"{kind}_show"] = Proc([os.path.join(os.path.dirname(sys.executable), "saved_model_cli"), "show",
                                       "--dir", ns.version_dir, "--all"], base / f"{kind}_show", cwd=fresh_cwd,
                                      env=fresh_env)
@@ -312,6 +439,12 @@ def pipeline(tmp_path_factory):
             ns.info = json.loads(lines[-1][len("RESULT "):])
             with np.load(ns.npz) as f:
                 ns.arrays = {k: f[k] for k in f.files}
+        ns.server, ns.server_results, ns.server_arrays = procs[f"{ns.kind}_server"], None, None
+        lines = [x for x in ns.server.stdout.splitlines() if x.startswith("RESULT ")]
+        if ns.server.rc == 0 and lines:
+            ns.server_results = json.loads(lines[-1][len("RESULT "):])
+            with np.load(ns.server_npz) as f:
+                ns.server_arrays = {k: f[k] for k in f.files}
     cli.procs = {name[4:]: p for name, p in procs.items() if name.startswith("cli_")}
     timing = ", ".join(f"{name} {p.seconds} s ({p.cpu} s CPU)" for name, p in procs.items())
     print(f"pipeline: {time.time() - start:.0f} s ({timing})")
@@ -374,11 +507,25 @@ def test_export_writes_the_tf_serving_layout_and_manifest(exports, kind):
     assert m["limits"]["temperature"] == [0.0, 2.0]
     if kind == "digits":
         assert m["parameters"] == ns.parameters
-    inputs = {name: [(s["name"], s["dtype"]) for s in sig["inputs"]] for name, sig in m["signatures"].items()}
-    assert inputs == {"serving_default": [("num_samples", "int32"), ("temperature", "float32"), ("seed", "int64")],
-                      "reconstruct": [("images", "uint8")], "nelbo": [("images", "uint8")]}
+    # Each input with the shape and the requirement that the graph checks (the text of its error message).
+    images = [{"name": "images", "dtype": "uint8", "shape": [None, 16, 16, ns.channels],
+               "requirement": f"[1..{MAX_SAMPLES}, 16, 16, {ns.channels}] uint8"}]
+    assert m["signatures"] == {
+        "serving_default": {
+            "inputs": [{"name": "num_samples", "dtype": "int32", "shape": [],
+                        "requirement": f"an int32 scalar in [1, {MAX_SAMPLES}]"},
+                       {"name": "temperature", "dtype": "float32", "shape": [],
+                        "requirement": "a float32 scalar in (0, 2]"},
+                       {"name": "seed", "dtype": "int64", "shape": [], "requirement": "an int64 scalar"}],
+            "outputs": {"images": {"dtype": "uint8", "shape": [None, 16, 16, ns.channels]}}},
+        "reconstruct": {"inputs": images,
+                        "outputs": {"images": {"dtype": "uint8", "shape": [None, 16, 16, ns.channels]}}},
+        "nelbo": {"inputs": images, "outputs": {"bpd": {"dtype": "float32", "shape": [None]}}}}
     assert m["tflite"]["files"] == tflite
     assert m["tflite"]["batch"] == TFLITE_BATCH
+    assert set(m["tflite"]["outputs"]) == {"images", "valid"}
+    assert "all zero when valid is 0" in m["tflite"]["outputs"]["images"]
+    assert "1 if 0 < temperature <= 2, else 0" in m["tflite"]["outputs"]["valid"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -424,6 +571,37 @@ def test_saved_model_runs_every_signature_in_a_process_without_nvae_tf(exports, 
         assert np.all(bpd < 12.0), bpd
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_saved_model_refuses_malformed_requests_fed_like_a_server(exports, kind):
+    """Tensors fed straight into the graph (as TF Serving feeds them) of every wrong rank, size, batch, dtype and
+    value: each call gets one InvalidArgument naming the input and what it must be, and the process lives on."""
+    ns = get_export(exports, kind)
+    assert ns.server.rc == 0 and ns.server_results, ns.server.describe()
+    results = ns.server_results
+    good, bad = good_requests(ns.channels), bad_requests(ns.channels)
+    assert len(results) == 1 + len(bad) + len(good)
+    requirement = {(signature, i["name"]): i["requirement"]
+                   for signature, entry in ns.manifest["signatures"].items() for i in entry["inputs"]}
+    for (label, signature, inputs, name, end), result in zip(bad, results[1:]):
+        assert result.get("error") == "InvalidArgumentError", (label, result)
+        if name is None:
+            assert re.fullmatch(r"Expects arg\[\d\] to be \w+ but \w+ is provided", result["message"]), (label, result)
+        else:
+            assert result["message"] == f"assertion failed: [{name} must be {requirement[signature, name]}, {end}", \
+                (label, result)
+    # Good requests before and after the bad ones: right shapes and dtypes, as many images as asked for.
+    indices = [0] + list(range(1 + len(bad), len(results)))
+    for i, (label, signature, inputs, expected) in zip(indices, [good[0], *good]):
+        assert results[i] == {"outputs": {k: [list(shape), dtype] for k, (shape, dtype) in expected.items()}}, \
+            (label, results[i])
+    # The same graph as the Python API runs: the images of the fresh process for (3, 0.7, seed 11).
+    a = get_served(exports, kind).arrays["a"]
+    np.testing.assert_array_equal(ns.server_arrays["0_images"], a)
+    np.testing.assert_array_equal(ns.server_arrays[f"{1 + len(bad)}_images"], a)
+    bpd = ns.server_arrays[f"{len(results) - 1}_bpd"]
+    assert np.all(np.isfinite(bpd)) and np.all(bpd > 0), bpd
+
+
 def _show_sections(text):
     """{signature: {"inputs": {name: (dtype, shape)}, "outputs": {...}}} from `saved_model_cli show --all`."""
     out = {}
@@ -435,7 +613,7 @@ def _show_sections(text):
         entry = {}
         for key, part in zip(("inputs", "outputs"), parts):
             entry[key] = {n: (d, s) for n, d, s in re.findall(
-                rf"{key}\['(\w+)'\] tensor_info:\s*dtype: (\w+)\s*shape: (\([^)]*\))", part)}
+                rf"{key}\['(\w+)'\] tensor_info:\s*dtype: (\w+)\s*shape: (\([^)]*\)|unknown_rank)", part)}
         method = re.search(r"Method name is: (\S*)", block)
         entry["method"] = method.group(1) if method else None
         out[m.group(1)] = entry
@@ -451,14 +629,14 @@ def test_saved_model_cli_shows_the_three_signatures(exports, kind):
     show = ns.show
     assert show.rc == 0, show.describe()
     sections = _show_sections(show.stdout)
-    image = f"(-1, 16, 16, {ns.channels})"
+    image, unknown = f"(-1, 16, 16, {ns.channels})", "unknown_rank"  # inputs: shapes checked in the graph
     assert sections == {
-        "serving_default": {"inputs": {"num_samples": ("DT_INT32", "()"), "temperature": ("DT_FLOAT", "()"),
-                                       "seed": ("DT_INT64", "()")},
+        "serving_default": {"inputs": {"num_samples": ("DT_INT32", unknown), "temperature": ("DT_FLOAT", unknown),
+                                       "seed": ("DT_INT64", unknown)},
                             "outputs": {"images": ("DT_UINT8", image)}, "method": PREDICT},
-        "reconstruct": {"inputs": {"images": ("DT_UINT8", image)}, "outputs": {"images": ("DT_UINT8", image)},
+        "reconstruct": {"inputs": {"images": ("DT_UINT8", unknown)}, "outputs": {"images": ("DT_UINT8", image)},
                         "method": PREDICT},
-        "nelbo": {"inputs": {"images": ("DT_UINT8", image)}, "outputs": {"bpd": ("DT_FLOAT", "(-1)")},
+        "nelbo": {"inputs": {"images": ("DT_UINT8", unknown)}, "outputs": {"bpd": ("DT_FLOAT", "(-1)")},
                   "method": PREDICT},
     }, show.stdout[-4000:]
 
@@ -472,12 +650,27 @@ def tflite_interpreter(path):
 
 
 def run_tflite(interpreter, seed, temperature):
+    """The sampler's outputs (images uint8 [batch, H, W, C], valid int32 scalar) for one seed and temperature."""
     runner = interpreter.get_signature_runner("sampler")
-    return runner(temperature=np.array(temperature, np.float32), seed=np.array(seed, np.int64))["images"]
+    out = runner(temperature=np.array(temperature, np.float32), seed=np.array(seed, np.int64))
+    return out["images"], out["valid"]
 
 
-@pytest.mark.parametrize("kind,variant", [("digits", "sampler.tflite"), ("tiny", "sampler.tflite"),
-                                          ("tiny", "sampler_float16.tflite")])
+def assert_like_the_saved_model(images, expected, variant, what):
+    diff = np.abs(images.astype(np.int32) - expected.astype(np.int32))
+    if variant == "sampler.tflite":
+        assert diff.max() <= 1, (what, diff.max(), np.mean(diff > 0))
+    else:
+        # float16 weights: measured 99.9-100 % of pixels equal (an RGB pixel can pick another mixture
+        # component now and then, a 5-bit level = 8 units away or more).
+        assert np.median(diff) == 0 and np.mean(diff <= 1) >= 0.98 and diff.mean() < 0.5, \
+            (what, diff.max(), np.mean(diff > 0), diff.mean())
+
+
+TFLITE_VARIANTS = [("digits", "sampler.tflite"), ("tiny", "sampler.tflite"), ("tiny", "sampler_float16.tflite")]
+
+
+@pytest.mark.parametrize("kind,variant", TFLITE_VARIANTS)
 def test_tflite_sampler_uses_builtin_ops_and_matches_the_saved_model(exports, kind, variant):
     ns = get_served(exports, kind)
     arrays = ns.arrays
@@ -488,25 +681,39 @@ def test_tflite_sampler_uses_builtin_ops_and_matches_the_saved_model(exports, ki
     assert {"CONV_2D", "BITWISE_XOR", "FLOOR_MOD"} <= ops  # weights are convolved; noise is HashNoise
     assert ("DEQUANTIZE" in ops) == (variant == "sampler_float16.tflite")
     assert interpreter.get_signature_list() == {"sampler": {"inputs": ["seed", "temperature"],
-                                                            "outputs": ["images"]}}
+                                                            "outputs": ["images", "valid"]}}
     shape = (TFLITE_BATCH, 16, 16, ns.channels)
     for seed, temperature in TFLITE_PAIRS:
-        images = run_tflite(interpreter, seed, temperature)
+        images, valid = run_tflite(interpreter, seed, temperature)
         assert images.dtype == np.uint8 and images.shape == shape
-        expected = arrays[f"pair_{seed}_{temperature}"]
-        diff = np.abs(images.astype(np.int32) - expected.astype(np.int32))
-        if variant == "sampler.tflite":
-            assert diff.max() <= 1, (seed, temperature, diff.max(), np.mean(diff > 0))
-        else:
-            # float16 weights: measured 99.9-100 % of pixels equal (an RGB pixel can pick another mixture
-            # component now and then, a 5-bit level = 8 units away or more).
-            assert np.median(diff) == 0 and np.mean(diff <= 1) >= 0.98 and diff.mean() < 0.5, \
-                (seed, temperature, diff.max(), np.mean(diff > 0), diff.mean())
+        assert valid.dtype == np.int32 and valid.shape == () and valid == 1
+        assert_like_the_saved_model(images, arrays[f"pair_{seed}_{temperature}"], variant, (seed, temperature))
     # The same seed again gives the same images; another seed others.
     seed, temperature = TFLITE_PAIRS[0]
-    np.testing.assert_array_equal(run_tflite(interpreter, seed, temperature),
-                                  run_tflite(interpreter, seed, temperature))
-    assert np.mean(run_tflite(interpreter, seed + 1, temperature) != run_tflite(interpreter, seed, temperature)) > 0.2
+    first = run_tflite(interpreter, seed, temperature)[0]
+    np.testing.assert_array_equal(run_tflite(interpreter, seed, temperature)[0], first)
+    assert np.mean(run_tflite(interpreter, seed + 1, temperature)[0] != first) > 0.2
+
+
+@pytest.mark.parametrize("kind,variant", TFLITE_VARIANTS)
+def test_tflite_sampler_flags_temperatures_outside_the_range(exports, kind, variant):
+    """Outside (0, 2] (NaN, infinities and denormals included): valid = 0 and all-zero images, whatever the
+    seed. At both ends of the range: valid = 1 and the SavedModel's images."""
+    ns = get_served(exports, kind)
+    interpreter = tflite_interpreter(os.path.join(ns.export_dir, variant))
+    zeros = np.zeros((TFLITE_BATCH, 16, 16, ns.channels), np.uint8)
+    refused = (math.nan, -math.nan, 0.0, -0.0, -1.0, 3.0, ABOVE_2, math.inf, -math.inf, FLT_MIN / 2)
+    for temperature in refused:
+        for seed in (1, -5):
+            images, valid = run_tflite(interpreter, seed, temperature)
+            assert valid.dtype == np.int32 and valid.shape == () and valid == 0, (temperature, valid)
+            assert images.dtype == np.uint8
+            np.testing.assert_array_equal(images, zeros, err_msg=f"temperature {temperature}")
+    for seed, temperature in TFLITE_ENDS:
+        images, valid = run_tflite(interpreter, seed, temperature)
+        assert valid == 1, (temperature, valid)
+        assert_like_the_saved_model(images, ns.arrays[f"pair_{seed}_{temperature}"], variant, (seed, temperature))
+        assert np.any(images != 0)
 
 
 def test_tflite_file_size_is_about_the_sampler_weights(exports):
@@ -730,17 +937,26 @@ def test_client_accepts_the_limits():
         client.rest_request(1, 0.7, 2 ** 63)
 
 
+NUM_SAMPLES_MUST = f"num_samples must be an int32 scalar in [1, {MAX_SAMPLES}], got] "
+TEMPERATURE_MUST = "temperature must be a float32 scalar in (0, 2], got] "
+
+
 @pytest.mark.parametrize("inputs,message", [
-    (dict(num_samples=0), "num_samples must be >= 1"),
-    (dict(num_samples=MAX_SAMPLES + 1), f"num_samples must be <= {MAX_SAMPLES}"),
-    (dict(temperature=0.0), "temperature must be > 0"),
-    (dict(temperature=-1.0), "temperature must be > 0"),
-    (dict(temperature=2.5), "temperature must be <= 2"),
+    (dict(num_samples=0), NUM_SAMPLES_MUST + "[0]"),
+    (dict(num_samples=MAX_SAMPLES + 1), NUM_SAMPLES_MUST + f"[{MAX_SAMPLES + 1}]"),
+    (dict(num_samples=[2, 3]), NUM_SAMPLES_MUST + "[2 3]"),
+    (dict(temperature=0.0), TEMPERATURE_MUST + "[0]"),
+    (dict(temperature=-1.0), TEMPERATURE_MUST + "[-1]"),
+    (dict(temperature=2.5), TEMPERATURE_MUST + "[2.5]"),
+    (dict(temperature=math.nan), TEMPERATURE_MUST + "[nan]"),
+    (dict(seed=[[1]]), "seed must be an int64 scalar, got] [[1]]"),
 ])
 def test_saved_model_rejects_bad_requests(small_model, inputs, message):
+    """The same checks through the Python API of a SavedModel loaded in this process (its inputs declare no
+    shape, so Python lets every shape through to the graph)."""
     import tensorflow as tf
     values = {"num_samples": 2, "temperature": 0.7, "seed": 0, **inputs}
-    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(message)):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape("assertion failed: [" + message)):
         small_model.signatures["serving_default"](num_samples=tf.constant(values["num_samples"], tf.int32),
                                                    temperature=tf.constant(values["temperature"], tf.float32),
                                                    seed=tf.constant(values["seed"], tf.int64))
@@ -748,15 +964,18 @@ def test_saved_model_rejects_bad_requests(small_model, inputs, message):
 
 def test_saved_model_rejects_bad_image_batches(small_model):
     import tensorflow as tf
+    must = f"assertion failed: [images must be [1..{MAX_SAMPLES}, 16, 16, 1] uint8, got shape] "
     for name in ("reconstruct", "nelbo"):
-        for n, message in ((0, "the image batch must be >= 1"),
-                           (MAX_SAMPLES + 1, f"the image batch must be <= {MAX_SAMPLES}")):
-            with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(message)):
-                small_model.signatures[name](images=tf.zeros([n, 16, 16, 1], tf.uint8))
+        for shape in ((0, 16, 16, 1), (MAX_SAMPLES + 1, 16, 16, 1), (16, 16, 1), (2, 16, 16, 4)):
+            with pytest.raises(tf.errors.InvalidArgumentError,
+                               match=re.escape(must + "[" + " ".join(map(str, shape)) + "]")):
+                small_model.signatures[name](images=tf.zeros(shape, tf.uint8))
     # The limits themselves are accepted.
     out = small_model.signatures["serving_default"](num_samples=tf.constant(1), temperature=tf.constant(2.0),
                                                      seed=tf.constant(0, tf.int64))["images"]
     assert out.shape == (1, 16, 16, 1)
+    bpd = small_model.signatures["nelbo"](images=tf.zeros([MAX_SAMPLES, 16, 16, 1], tf.uint8))["bpd"]
+    assert bpd.shape == (MAX_SAMPLES,)
 
 
 @pytest.mark.parametrize("channels,shape", [(1, (5, 7)), (3, (16, 16)), (3, (1, 1))])
@@ -850,13 +1069,14 @@ def test_client_reports_server_errors(fake_serving, capsys):
     client = load_client()
     # The client's own limit raised above the export's: the server's check answers (HTTP 400).
     body = client.rest_request(MAX_SAMPLES + 1, 0.7, 0, max_samples=1000)
-    with pytest.raises(client.RequestError, match=rf"(?s)\(400\).*num_samples must be <= {MAX_SAMPLES}"):
+    refused = re.escape(NUM_SAMPLES_MUST + f"[{MAX_SAMPLES + 1}]")
+    with pytest.raises(client.RequestError, match=r"(?s)\(400\).*" + refused):
         client.predict_rest(fake_serving.url, "nvae", body)
     with pytest.raises(client.RequestError, match=r"\(404\)"):
         client.predict_rest(fake_serving.url, "other", client.rest_request(1, 0.7, 0))
     rc = client.main([f"--server={fake_serving.url}", "--num_samples=65", "--max_samples=100"])
     assert rc == 2
-    assert "num_samples must be <= 64" in capsys.readouterr().err
+    assert NUM_SAMPLES_MUST + "[65]" in capsys.readouterr().err
     # No server at all.
     import socket
     with socket.socket() as s:
