@@ -242,7 +242,7 @@ def time_train_step(row, config_name, batch_size, min_seconds, min_steps):
     def step(x):
         with tf.GradientTape() as tape:
             out = model(x, training=True)
-            loss = tf.reduce_mean(-out["recon_log_prob"] + tf.reduce_sum(out["kl"], axis=1))
+            loss = tf.reduce_mean(-out.recon_log_prob + tf.reduce_sum(out.kl, axis=1))
         variables = model.trainable_variables
         grads = tape.gradient(loss, variables)
         optimizer.apply_gradients(zip(grads, variables))

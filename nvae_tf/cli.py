@@ -1,22 +1,131 @@
-"""Pieces of the command lines that need no TensorFlow, so that a wrong flag is reported in a second."""
+"""What every command line shares: flags from option dataclasses, a readable `--help`, a quiet console and one
+`error:` line (exit 2) for a fault the user can fix. Needs no TensorFlow, so a wrong flag is reported at once.
+
+    cli.main("nvae_tf.sample", __doc__, [SampleOptions], run_from_flags)
+
+`--help` lists the command's own flags grouped as data / model / training / run; `--helpfull` adds absl's.
+TensorFlow's log lines (banners, MLIR and Grappler notes) are hidden unless `--verbose` is given or the user
+sets TF_CPP_MIN_LOG_LEVEL; our own lines go to stderr as `[nvae_tf] message` (warnings as `warning: message`).
+"""
 
 import json
+import logging as py_logging
 import os
+import sys
+import textwrap
+
+from nvae_tf import errors, options
+
+HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "-?")
+WIDTH = 110
+GROUP_TITLES = {"data": "data", "model": "model", "training": "training", "run": "run"}
 
 
-def define_data_flags(flag_values=None):
-    """Flags of every entry point that reads data."""
+def define_verbose(flag_values=None):
     from absl import flags
     fv = flag_values if flag_values is not None else flags.FLAGS
-    if "data_dir" in fv:
-        return
-    flags.DEFINE_string("data_dir", "", "Where the dataset is: a TFDS data directory (default "
-                        "~/tensorflow_datasets), a folder of images, or GLOW TFRecords.", flag_values=fv)
-    flags.DEFINE_bool("strict_data", False, "Stop at an unreadable image instead of skipping it.", flag_values=fv)
-    flags.DEFINE_bool("download", True, "Let TFDS download and prepare a dataset that is not there yet.",
-                      flag_values=fv)
-    flags.DEFINE_bool("deterministic", False, "Reproducible input order and augmentation under --seed "
-                      "(slower).", flag_values=fv)
+    if "verbose" not in fv:
+        flags.DEFINE_bool("verbose", False, "Show TensorFlow's own log lines too (banners, graph compiler notes).",
+                          flag_values=fv)
+
+
+def help_text(command, doc, option_classes, usage=None):
+    """The text of `--help`: usage, the command's summary, then its flags by group."""
+    lines = [f"usage: python -m {command} {usage or '[flags]'}", ""]
+    summary = (doc or "").strip().split("\n\n")[0]
+    lines += [*summary.splitlines(), ""]
+    seen, by_group = set(), {g: [] for g in options.GROUPS}
+    for cls in option_classes:
+        for f in options.fields(cls):
+            if f.name not in seen:
+                seen.add(f.name)
+                by_group[f.metadata["group"]].append(f)
+    for group in options.GROUPS:
+        if not by_group[group]:
+            continue
+        lines.append(f"{GROUP_TITLES[group]}:")
+        for f in by_group[group]:
+            lines += _flag_lines(f)
+        lines.append("")
+    lines.append("  --verbose                      Show TensorFlow's own log lines too.")
+    lines.append("  --flagfile=FILE                Read flags from FILE, one --flag=value per line "
+                 "(e.g. configs/cifar10.flags).")
+    lines += ["", "--helpfull lists every flag, absl's and TensorFlow's included."]
+    return "\n".join(lines)
+
+
+def _flag_lines(f):
+    meta = f.metadata
+    if f.type in (bool, "bool"):
+        head = f"--[no]{f.name}" + (" (on)" if f.default else "")
+    else:
+        shown = "" if f.default in (None, "") else f.default
+        head = f"--{f.name}=" + ("|".join(meta["choices"]) if meta["choices"] and len(meta["choices"]) <= 3
+                                  else str(shown) if shown != "" else "...")
+    body = meta["help"] + (" Required." if meta["required"] else "")
+    prefix = f"  {head:<30} " if len(head) <= 30 else f"  {head}\n" + " " * 33
+    return textwrap.wrap(body, WIDTH, initial_indent=prefix, subsequent_indent=" " * 33)
+
+
+class _Format(py_logging.Formatter):
+    def format(self, record):
+        message = record.getMessage()
+        if record.levelno >= py_logging.WARNING:
+            return f"{record.levelname.lower()}: {message}"
+        return f"[nvae_tf] {message}"
+
+
+def configure_console(verbose=False):
+    """Quiet TensorFlow (unless `verbose` or the user's own TF_CPP_MIN_LOG_LEVEL) and format our log lines.
+    Must run before TensorFlow is imported to hide its C++ lines."""
+    from absl import logging
+    if verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+    else:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        py_logging.getLogger("tensorflow").setLevel(py_logging.ERROR)
+    logging.set_verbosity(logging.DEBUG if verbose else logging.INFO)
+    handler = logging.get_absl_handler()
+    handler.python_handler.setFormatter(_Format())
+    handler.activate_python_handler()
+
+
+def main(command, doc, option_classes, run, usage=None, extra_flags=None):
+    """Run a command: define its flags, parse argv, then `run(flag_values)` -> exit code.
+
+    An `errors.RunError` (a bad flag, run directory, checkpoint or data) becomes one `error:` line and exit 2.
+    `extra_flags(flag_values)` defines flags that are not options of a dataclass."""
+    from absl import app, flags
+    fv = flags.FLAGS
+    for cls in option_classes:
+        options.define_flags(cls, fv)
+    if extra_flags:
+        extra_flags(fv)
+    define_verbose(fv)
+
+    def parse(argv):
+        if any(a in HELP_FLAGS for a in argv[1:]):
+            print(help_text(command, doc, option_classes, usage))
+            sys.exit(0)
+        try:
+            rest = fv(argv)
+        except flags.Error as e:
+            print(f"error: {e}\n(python -m {command} --help lists the flags)", file=sys.stderr)
+            sys.exit(2)
+        if len(rest) > 1:
+            print(f"error: unexpected arguments: {' '.join(rest[1:])} (flags are --name=value)", file=sys.stderr)
+            sys.exit(2)
+        configure_console(fv.verbose)
+        return rest
+
+    def app_main(_):
+        try:
+            return run(fv) or 0
+        except errors.RunError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    app.run(app_main, flags_parser=parse)
 
 
 def process_is_chief(environ=None):
@@ -28,7 +137,7 @@ def process_is_chief(environ=None):
     try:
         tf_config = json.loads(environ.get("TF_CONFIG") or "{}")
     except ValueError as e:
-        raise ValueError(f"TF_CONFIG is not valid JSON: {e}") from None
+        raise errors.RunError(f"TF_CONFIG is not valid JSON: {e}") from None
     cluster = tf_config.get("cluster", {})
     if sum(len(v) for k, v in cluster.items() if k in ("worker", "chief")) > 1:
         task = tf_config.get("task", {})

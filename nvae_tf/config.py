@@ -7,7 +7,11 @@ sampling and export rebuild the model from that file alone.
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from nvae_tf import options
+from nvae_tf.errors import ConfigError
+from nvae_tf.options import option
 
 
 @dataclass(frozen=True)
@@ -31,56 +35,56 @@ DATASETS = {
 }
 
 
-class ConfigError(ValueError):
-    """An invalid configuration; the message starts with the flag at fault."""
-
-    def __init__(self, flag, message):
-        super().__init__(f"--{flag}: {message}")
-        self.flag = flag
+def _data(default, help_text, **kwargs):
+    return option(default, help_text, group="data", structural=True, **kwargs)
 
 
-def _f(default, help_text):
-    return field(default=default, metadata={"help": help_text})
+def _model(default, help_text):
+    return option(default, help_text, group="model", structural=True)
+
+
+def _training(default, help_text):
+    return option(default, help_text, group="training")
 
 
 @dataclass(frozen=True)
 class NVAEConfig:
     # Data.
-    dataset: str = _f("cifar10", "Dataset: " + ", ".join(DATASETS) + ".")
-    image_size: int = _f(0, "Image height and width; 0 takes the dataset's own size (required for 'folder').")
-    num_x_bits: int = _f(8, "Bits per colour channel the model sees (5 for the 256x256 datasets).")
+    dataset: str = _data("cifar10", "Dataset: " + ", ".join(DATASETS) + ".", choices=DATASETS)
+    image_size: int = _data(0, "Image height and width; 0 takes the dataset's own size (required for 'folder').")
+    num_x_bits: int = _data(8, "Bits per colour channel the model sees (5 for the 256x256 datasets).")
     # Architecture.
-    num_channels_enc: int = _f(32, "Channels of the encoder at full resolution (Ce).")
-    num_channels_dec: int = _f(32, "Channels of the decoder at full resolution (Cd).")
-    num_preprocess_blocks: int = _f(2, "Pre-process blocks, each halving the resolution (P).")
-    num_preprocess_cells: int = _f(3, "Cells per pre-process block.")
-    num_postprocess_blocks: int = _f(2, "Post-process blocks, each doubling the resolution.")
-    num_postprocess_cells: int = _f(3, "Cells per post-process block.")
-    num_latent_scales: int = _f(1, "Latent scales (L).")
-    num_groups_per_scale: int = _f(10, "Latent groups at the highest-resolution scale.")
-    ada_groups: bool = _f(False, "Halve the number of groups at each lower-resolution scale.")
-    min_groups_per_scale: int = _f(1, "Fewest groups of a scale with --ada_groups.")
-    num_latent_per_group: int = _f(20, "Channels of each latent group (nz).")
-    num_cell_per_cond_enc: int = _f(2, "Encoder cells per latent group.")
-    num_cell_per_cond_dec: int = _f(2, "Decoder cells per latent group.")
-    num_nf: int = _f(0, "Pairs of autoregressive flow cells per latent group.")
-    num_mixture_dec: int = _f(10, "Logistic mixture components of the colour decoder.")
-    use_se: bool = _f(True, "Squeeze-and-excitation in every residual cell (every paper run uses it).")
-    res_dist: bool = _f(True, "Residual posterior relative to the prior (every paper run uses it).")
+    num_channels_enc: int = _model(32, "Channels of the encoder at full resolution (Ce).")
+    num_channels_dec: int = _model(32, "Channels of the decoder at full resolution (Cd).")
+    num_preprocess_blocks: int = _model(2, "Pre-process blocks, each halving the resolution (P).")
+    num_preprocess_cells: int = _model(3, "Cells per pre-process block.")
+    num_postprocess_blocks: int = _model(2, "Post-process blocks, each doubling the resolution.")
+    num_postprocess_cells: int = _model(3, "Cells per post-process block.")
+    num_latent_scales: int = _model(1, "Latent scales (L).")
+    num_groups_per_scale: int = _model(10, "Latent groups at the highest-resolution scale.")
+    ada_groups: bool = _model(False, "Halve the number of groups at each lower-resolution scale.")
+    min_groups_per_scale: int = _model(1, "Fewest groups of a scale with --ada_groups.")
+    num_latent_per_group: int = _model(20, "Channels of each latent group (nz).")
+    num_cell_per_cond_enc: int = _model(2, "Encoder cells per latent group.")
+    num_cell_per_cond_dec: int = _model(2, "Decoder cells per latent group.")
+    num_nf: int = _model(0, "Pairs of autoregressive flow cells per latent group.")
+    num_mixture_dec: int = _model(10, "Logistic mixture components of the colour decoder.")
+    use_se: bool = _model(True, "Squeeze-and-excitation in every residual cell (every paper run uses it).")
+    res_dist: bool = _model(True, "Residual posterior relative to the prior (every paper run uses it).")
     # Training.
-    batch_size: int = _f(16, "Images per replica (per GPU) and step.")
-    epochs: int = _f(200, "Training epochs.")
-    learning_rate: float = _f(1e-2, "Peak learning rate.")
-    learning_rate_min: float = _f(1e-4, "Final learning rate of the cosine schedule.")
-    warmup_epochs: int = _f(5, "Epochs of linear learning-rate warm-up from 0.")
-    weight_decay: float = _f(3e-4, "Coupled L2 weight decay on every parameter.")
-    weight_decay_norm: float = _f(0.0, "Weight of the spectral and BN regularisation (lambda).")
-    weight_decay_norm_init: float = _f(10.0, "Initial lambda with --weight_decay_norm_anneal.")
-    weight_decay_norm_anneal: bool = _f(False, "Anneal lambda log-linearly from its init over the KL warm-up.")
-    kl_anneal_portion: float = _f(0.3, "Fraction of training over which the KL weight beta rises to 1.")
-    kl_const_portion: float = _f(1e-4, "Fraction of training at the constant smallest beta.")
-    kl_const_coeff: float = _f(1e-4, "Smallest beta.")
-    seed: int = _f(1, "Random seed.")
+    batch_size: int = _training(16, "Images per replica (per GPU) and step.")
+    epochs: int = _training(200, "Training epochs.")
+    learning_rate: float = _training(1e-2, "Peak learning rate.")
+    learning_rate_min: float = _training(1e-4, "Final learning rate of the cosine schedule.")
+    warmup_epochs: int = _training(5, "Epochs of linear learning-rate warm-up from 0.")
+    weight_decay: float = _training(3e-4, "Coupled L2 weight decay on every parameter.")
+    weight_decay_norm: float = _training(0.0, "Weight of the spectral and BN regularisation (lambda).")
+    weight_decay_norm_init: float = _training(10.0, "Initial lambda with --weight_decay_norm_anneal.")
+    weight_decay_norm_anneal: bool = _training(False, "Anneal lambda log-linearly from its init over the KL warm-up.")
+    kl_anneal_portion: float = _training(0.3, "Fraction of training over which the KL weight beta rises to 1.")
+    kl_const_portion: float = _training(1e-4, "Fraction of training at the constant smallest beta.")
+    kl_const_coeff: float = _training(1e-4, "Smallest beta.")
+    seed: int = _training(1, "Random seed.")
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -213,31 +217,19 @@ class NVAEConfig:
             f.write(self.to_json() + "\n")
 
 
+def structural_fields():
+    """The fields that change the model's weights: a run cannot resume with other values."""
+    return [f.name for f in dataclasses.fields(NVAEConfig) if f.metadata["structural"]]
+
+
 def define_flags(flag_values=None):
     """Define one absl flag per config field (once per FlagValues)."""
-    from absl import flags
-    fv = flag_values if flag_values is not None else flags.FLAGS
-    for f in dataclasses.fields(NVAEConfig):
-        if f.name in fv:
-            continue
-        help_text = f.metadata["help"]
-        if f.name == "dataset":
-            flags.DEFINE_enum(f.name, f.default, list(DATASETS), help_text, flag_values=fv)
-        elif f.type in (bool, "bool"):
-            flags.DEFINE_bool(f.name, f.default, help_text, flag_values=fv)
-        elif f.type in (int, "int"):
-            flags.DEFINE_integer(f.name, f.default, help_text, flag_values=fv)
-        elif f.type in (float, "float"):
-            flags.DEFINE_float(f.name, f.default, help_text, flag_values=fv)
-        else:
-            flags.DEFINE_string(f.name, f.default, help_text, flag_values=fv)
+    options.define_flags(NVAEConfig, flag_values)
 
 
 def from_flags(flag_values=None):
     """Build the config from parsed absl flags."""
-    from absl import flags
-    fv = flag_values if flag_values is not None else flags.FLAGS
-    return NVAEConfig(**{f.name: fv[f.name].value for f in dataclasses.fields(NVAEConfig)})
+    return options.from_flags(NVAEConfig, flag_values)
 
 
 def from_flagfile(path, **overrides):

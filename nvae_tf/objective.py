@@ -17,8 +17,9 @@ import numpy as np
 import tensorflow as tf
 
 
-def total_steps(config, steps_per_epoch):
-    return config.epochs * steps_per_epoch
+def bits_per_dim(nats, dims):
+    """Nats per image as bits per dimension: nats / (ln 2 * dims); `dims` is `config.data_dims`."""
+    return nats / (math.log(2.0) * dims)
 
 
 def kl_coefficient(step, config, num_total_steps):
@@ -81,26 +82,26 @@ def nvae_loss(model, out, step, num_total_steps, alpha=None):
     config = model.config
     alpha = kl_balance_alpha(config) if alpha is None else alpha
     beta = kl_coefficient(step, config, num_total_steps)
-    kl = out["kl"]
+    kl = out.kl
     gamma = tf.cond(beta < 1.0, lambda: kl_balance_coefficients(kl, alpha), lambda: tf.ones_like(kl[0]))
-    recon = -out["recon_log_prob"]
+    recon = -out.recon_log_prob
     elbo_term = tf.reduce_mean(recon + beta * tf.reduce_sum(gamma * kl, axis=1))
     lam = regularization_coefficient(beta, config)
     spectral = model.spectral_norm_loss()
     bn = model.batchnorm_loss()
     loss = elbo_term + lam * (spectral + bn)
-    nelbo = tf.reduce_mean(recon + tf.reduce_sum(kl, axis=1))
+    nelbo = tf.reduce_mean(out.negative_elbo())
     metrics = {
         "loss": loss,
         "recon": tf.reduce_mean(recon),
         "kl": tf.reduce_mean(tf.reduce_sum(kl, axis=1)),
         "nelbo": nelbo,
-        "bpd": nelbo / (math.log(2.0) * config.data_dims),
+        "bpd": bits_per_dim(nelbo, config.data_dims),
         "beta": beta,
         "lambda": lam,
         "spectral_norm": spectral,
         "bn_norm": bn,
         "kl_per_group": tf.reduce_mean(kl, axis=0),
-        "active_units_per_group": active_units(out["posterior_means"]),
+        "active_units_per_group": active_units(out.posterior_means),
     }
     return loss, metrics

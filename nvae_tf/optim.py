@@ -70,10 +70,3 @@ class NVAELearningRate(keras.optimizers.schedules.LearningRateSchedule):
     def get_config(self):
         return {"learning_rate": self.learning_rate, "learning_rate_min": self.learning_rate_min,
                 "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs, "warmup_epochs": self.warmup_epochs}
-
-
-def make_optimizer(config, steps_per_epoch):
-    """The optimiser of a run: NVAE's Adamax with its learning-rate schedule."""
-    schedule = NVAELearningRate(config.learning_rate, config.learning_rate_min, steps_per_epoch, config.epochs,
-                                config.warmup_epochs)
-    return NVAEAdamax(learning_rate=schedule, l2=config.weight_decay)

@@ -20,6 +20,7 @@ import socket
 from absl import logging
 
 from nvae_tf import config as config_lib
+from nvae_tf.errors import ConfigError, RunError
 
 _CHECKPOINT_NAME = re.compile(r"^ckpt-(\d+)(?:\.index|\.data-\d+-of-(\d+))$")
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int8": 1, "uint8": 1, "int16": 2,
@@ -28,10 +29,69 @@ LOCK_FILE = ".train.lock"
 DAMAGED_DIR = "damaged"
 
 
-class RunError(ValueError):
-    """A run directory or checkpoint that cannot be used, with what is wrong."""
+# ------------------------------------------------------------------------------------------------ writing
+def check_model_dir(model_dir):
+    """`ConfigError` unless `model_dir` is a directory or can be created as one (no file in the way)."""
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise ConfigError("model_dir", f"{model_dir} is a file, not a directory")
+    parent = model_dir
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent.rstrip(os.sep))
+    if parent and not os.path.isdir(parent):
+        raise ConfigError("model_dir", f"{model_dir} cannot be created: {parent} is a file")
 
 
+def open_for_training(model_dir):
+    """Create `model_dir` and take its training lock (`TrainingLock`); `ConfigError` if it cannot be written,
+    `RunLockedError` if a live run holds it."""
+    check_model_dir(model_dir)
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        lock = TrainingLock(model_dir).acquire()
+    except OSError as e:
+        raise ConfigError("model_dir", f"cannot write to {model_dir}: {e.strerror or e}") from None
+    if lock.previous:
+        logging.warning("took over the lock of %s left by a run that has ended (PID %s on host %s, started %s)",
+                        model_dir, lock.previous.get("pid"), lock.previous.get("host"),
+                        lock.previous.get("started"))
+    return lock
+
+
+def write_config(model_dir, config, write=True):
+    """Save `config` as `model_dir/config.json` (`write`: the chief only), or, when the directory already holds a
+    run, check that the structural fields agree (`ConfigError` otherwise) and warn about the changed others."""
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(model_dir, "config.json")
+    if os.path.exists(path):
+        try:
+            saved = read_config(path)
+        except RunError as e:
+            raise ConfigError("model_dir", f"{e}; use another --model_dir, or move the file away to start a new "
+                              f"run there") from None
+        for name in config_lib.structural_fields():
+            if getattr(saved, name) != getattr(config, name):
+                raise ConfigError(
+                    name, f"{model_dir} holds a run with {name}={getattr(saved, name)!r}, but this run asks for "
+                    f"{getattr(config, name)!r}; that changes the model, so it cannot resume. Use another "
+                    f"--model_dir, or the saved value.")
+        old, new = saved.to_dict(), config.to_dict()
+        changed = [f for f, v in new.items() if old[f] != v]
+        if changed:
+            logging.warning("resuming with changed settings: %s",
+                            ", ".join(f"{f} {old[f]!r} -> {new[f]!r}" for f in changed))
+    if write:
+        config.save(path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def write_json(path, value):
+    """Write `value` as JSON to `path` through a temporary file, so a reader never sees half of it."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------------------------------------ reading
 def checkpoint_dir(model_dir):
     return os.path.join(model_dir, "checkpoints")
 

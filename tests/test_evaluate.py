@@ -63,9 +63,9 @@ def fresh_noise(seed):
 
 def forward_log_weights_np(out):
     """w = log p(x|z) + sum_groups log p(z) - sum_groups log q(z|x), from the model's outputs, in NumPy float64."""
-    recon = np.asarray(out["recon_log_prob"], np.float64)
-    log_p = np.asarray(out["log_p"], np.float64).sum(axis=1)
-    log_q = np.asarray(out["log_q"], np.float64).sum(axis=1)
+    recon = np.asarray(out.recon_log_prob, np.float64)
+    log_p = np.asarray(out.log_p, np.float64).sum(axis=1)
+    log_q = np.asarray(out.log_q, np.float64).sum(axis=1)
     return recon + log_p - log_q
 
 

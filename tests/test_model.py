@@ -28,7 +28,7 @@ def fixed_noise(seed=7):
 
 
 def elbo_loss(out):
-    return tf.reduce_mean(-out["recon_log_prob"] + tf.reduce_sum(out["kl"], axis=1))
+    return tf.reduce_mean(-out.recon_log_prob + tf.reduce_sum(out.kl, axis=1))
 
 
 def test_forward_terms_are_finite_with_the_documented_shapes():
@@ -37,35 +37,35 @@ def test_forward_terms_are_finite_with_the_documented_shapes():
     x = random_images(config, batch=3)
     out = model(x, training=True)
     n = config.num_groups
-    assert out["recon_log_prob"].shape == (3,)
+    assert out.recon_log_prob.shape == (3,)
     for key in ("kl", "log_q", "log_p"):
-        assert out[key].shape == (3, n), key
-    assert out["decoder_params"].shape == (3, *config.image_shape[:2], 10 * config.num_mixture_dec)
-    assert [tuple(m.shape) for m in out["posterior_means"]] == [(3, *shape) for shape in config.latent_shapes]
-    for key, value in out.items():
+        assert getattr(out, key).shape == (3, n), key
+    assert out.decoder_params.shape == (3, *config.image_shape[:2], 10 * config.num_mixture_dec)
+    assert [tuple(m.shape) for m in out.posterior_means] == [(3, *shape) for shape in config.latent_shapes]
+    for key, value in out._asdict().items():
         for v in value if isinstance(value, list) else [value]:
             assert np.all(np.isfinite(v.numpy())), key
     # A log-likelihood of discrete data is at most 0.
-    assert np.all(out["recon_log_prob"].numpy() < 0)
+    assert np.all(out.recon_log_prob.numpy() < 0)
 
 
 def test_kl_with_flows_is_the_one_sample_estimate_log_q_minus_log_p():
     model = tiny_model()
     assert model.config.num_nf > 0
     out = model(random_images(model.config), training=False)
-    np.testing.assert_allclose(out["kl"].numpy(), (out["log_q"] - out["log_p"]).numpy(), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(out.kl.numpy(), (out.log_q - out.log_p).numpy(), rtol=1e-6, atol=1e-5)
 
 
 def test_kl_without_flows_is_analytic_and_its_mean_matches_log_q_minus_log_p():
     model = tiny_model(num_nf=0, num_groups_per_scale=1, num_latent_scales=1)
     x = np.repeat(random_images(model.config, batch=1), 400, axis=0)
     out = model(x, training=False)
-    kl = out["kl"].numpy()
+    kl = out.kl.numpy()
     # Analytic: the same for every copy of the image, and non-negative.
     np.testing.assert_allclose(kl, np.broadcast_to(kl[:1], kl.shape), rtol=1e-4)
     assert np.all(kl >= 0)
     # Monte Carlo over the 400 posterior samples agrees with it within a few standard errors.
-    mc = (out["log_q"] - out["log_p"]).numpy()[:, 0]
+    mc = (out.log_q - out.log_p).numpy()[:, 0]
     assert abs(mc.mean() - kl[0, 0]) < 4 * mc.std() / np.sqrt(len(mc)) + 1e-3
 
 
@@ -99,11 +99,11 @@ def test_bernoulli_likelihood_covers_only_the_mnist_crop():
     assert model.config.likelihood_crop == 2 and model.config.data_dims == 784
     x = random_images(model.config, batch=2)
     out = model(x, training=False)
-    logits = out["decoder_params"].numpy().astype("float64")[:, 2:30, 2:30, :]
+    logits = out.decoder_params.numpy().astype("float64")[:, 2:30, 2:30, :]
     data = x[:, 2:30, 2:30, :].astype("float64") / 255.0
     log_sig = lambda v: -np.logaddexp(0.0, -v)  # noqa: E731
     expected = (data * log_sig(logits) + (1 - data) * log_sig(-logits)).reshape(2, -1).sum(1)
-    np.testing.assert_allclose(out["recon_log_prob"].numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(out.recon_log_prob.numpy(), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bits", [8, 5, 3])
@@ -157,13 +157,13 @@ def test_reloaded_weights_give_the_same_outputs(tmp_path):
 
     keras.utils.set_random_seed(99)  # a different initialisation
     other = tiny_model()
-    before = other(x, training=False, noise=fixed_noise())["recon_log_prob"].numpy()
+    before = other(x, training=False, noise=fixed_noise()).recon_log_prob.numpy()
     other.load_weights(path)
     expected = model(x, training=False, noise=fixed_noise())
     got = other(x, training=False, noise=fixed_noise())
-    assert np.abs(before - expected["recon_log_prob"].numpy()).max() > 1e-3
+    assert np.abs(before - expected.recon_log_prob.numpy()).max() > 1e-3
     for key in ("recon_log_prob", "kl", "log_q", "log_p"):
-        np.testing.assert_allclose(got[key].numpy(), expected[key].numpy(), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(getattr(got, key).numpy(), getattr(expected, key).numpy(), rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(other.sample(3, 0.8, noise=fixed_noise(5)).numpy(),
                                   model.sample(3, 0.8, noise=fixed_noise(5)).numpy())
     for a, b in zip(model.non_trainable_weights, other.non_trainable_weights):
@@ -198,8 +198,8 @@ def test_mixed_precision_keeps_variables_and_terms_in_float32(policy):
         out = model(random_images(model.config), training=True)
         assert all(w.dtype == "float32" for w in model.weights if "seed" not in w.path)
         for key in ("recon_log_prob", "kl", "log_q", "log_p"):
-            assert out[key].dtype == tf.float32
-            assert np.all(np.isfinite(out[key].numpy())), key
+            assert getattr(out, key).dtype == tf.float32
+            assert np.all(np.isfinite(getattr(out, key).numpy())), key
         assert model.sample(2, 0.7).dtype == tf.float32
     finally:
         keras.mixed_precision.set_global_policy("float32")

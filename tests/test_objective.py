@@ -65,7 +65,7 @@ def test_loss_assembles_its_terms_with_balancing_only_during_warmup():
     x = rng.integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)
     out = model(x, training=False)
     total = 1000
-    kl, recon = out["kl"].numpy().astype(np.float64), -out["recon_log_prob"].numpy().astype(np.float64)
+    kl, recon = out.kl.numpy().astype(np.float64), -out.recon_log_prob.numpy().astype(np.float64)
     alpha = objective.kl_balance_alpha(model.config)
     for step in (10, 900):  # beta < 1, then beta = 1
         loss, metrics = objective.nvae_loss(model, out, step, total)

@@ -303,7 +303,7 @@ def test_reconstruct_mode_pairs_each_dataset_image_with_its_reconstruction(train
     # The other column: the decoder mean of one posterior sample of that very image (same seed).
     model = load(trained_run)
     out_terms = model(images, training=False, noise=fresh_noise(3))
-    recon = enlarged(model.decode_pixels(out_terms["decoder_params"], mode="mean").numpy())
+    recon = enlarged(model.decode_pixels(out_terms.decoder_params, mode="mean").numpy())
     reconstructions = np.stack([tile(png, 2 * i + 1, columns) for i in range(n)])
     np.testing.assert_array_equal(reconstructions, recon[..., 0])
     assert not np.array_equal(inputs, reconstructions)

@@ -1,5 +1,5 @@
-"""The NVAE model: Keras 3 layers and `keras.ops` only."""
+"""The NVAE model: Keras 3 layers and `keras.ops` only, under any Keras backend."""
 
-from nvae_tf.model.nvae import NVAE, LatentGroup
+from nvae_tf.model.nvae import NVAE, ForwardTerms, LatentGroup
 
-__all__ = ["NVAE", "LatentGroup"]
+__all__ = ["NVAE", "ForwardTerms", "LatentGroup"]

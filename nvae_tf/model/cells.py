@@ -42,9 +42,10 @@ class BatchNorm(keras.layers.BatchNormalization):
 
 
 def batch_norm(name=None):
-    """BatchNormalization as NVAE uses it: running <- 0.95 running + 0.05 batch, statistics over the global
-    batch when replicated."""
-    return BatchNorm(momentum=0.95, epsilon=1e-5, synchronized=True, name=name)
+    """BatchNormalization as NVAE uses it: running <- 0.95 running + 0.05 batch. The model works under any Keras
+    backend; a runtime that replicates it switches on synchronised statistics over the global batch
+    (`nvae_tf.distribute.synchronize_batchnorm`)."""
+    return BatchNorm(momentum=0.95, epsilon=1e-5, name=name)
 
 
 class BNSwishConv(keras.layers.Layer):

@@ -10,6 +10,8 @@ import math
 import keras
 from keras import ops
 
+from nvae_tf.model.ops import sum_per_image
+
 LOG_2PI = math.log(2.0 * math.pi)
 UNIFORM_EPS = 1e-5
 
@@ -68,10 +70,6 @@ class Normal:
         return 0.5 * (ops.square(diff) + ops.square(ratio)) - 0.5 - ops.log(ratio)
 
 
-def _sum_per_image(x):
-    return ops.sum(ops.reshape(x, (ops.shape(x)[0], -1)), axis=1)
-
-
 class Bernoulli:
     """Independent Bernoulli pixels from logits `[batch, h, w, channels]`; data in {0, 1}."""
 
@@ -82,7 +80,7 @@ class Bernoulli:
         """log p(x) summed per image: `[batch]`."""
         x = ops.cast(x, "float32")
         lp = x * ops.log_sigmoid(self.logits) + (1.0 - x) * ops.log_sigmoid(-self.logits)
-        return _sum_per_image(lp)
+        return sum_per_image(lp)
 
     def sample(self, noise):
         return ops.cast(noise.uniform(ops.shape(self.logits)) < ops.sigmoid(self.logits), "float32")
@@ -144,7 +142,7 @@ class DiscretizedMixtureOfLogistics:
 
     def log_prob(self, x):
         """log p(x) summed per image: `[batch]`."""
-        return _sum_per_image(self.log_prob_map(x))
+        return sum_per_image(self.log_prob_map(x))
 
     def sample(self, noise):
         """Draw pixels in [0, 1] (temperature 1 in pixel space)."""

@@ -12,6 +12,8 @@ Layout (paper Fig. 2; L latent scales, N latent groups):
 `call(images)` returns the terms of the ELBO per image; `sample()` draws images from the prior.
 """
 
+from typing import NamedTuple
+
 import keras
 import numpy as np
 from keras import ops
@@ -19,13 +21,33 @@ from keras import ops
 from nvae_tf.model.cells import BatchNorm, EncoderCell, GenerativeCell
 from nvae_tf.model.distributions import Bernoulli, DiscretizedMixtureOfLogistics, KerasNoise, Normal
 from nvae_tf.model.flows import ARFlowCell
-from nvae_tf.model.ops import Conv2D, channels_shape
+from nvae_tf.model.ops import Conv2D, channels_shape, sum_per_image
 
 DECODER_EXPANSION = 6
 POSTPROCESS_EXPANSION = 3
 POWER_ITERATIONS = 4
 FIRST_POWER_ITERATIONS = 40
 POWER_ITERATION_EPS = 1e-3
+
+
+class ForwardTerms(NamedTuple):
+    """The ELBO terms of a batch, as `NVAE.call` returns them (N latent groups, top first)."""
+    recon_log_prob: object  # [batch]: log p(x|z) of one posterior sample, over the likelihood crop
+    kl: object  # [batch, N]: KL of every group (analytic without flows, log q - log p with flows)
+    log_q: object  # [batch, N]: log q(z_k|x, z<k) of the sample (flows included), for importance weighting
+    log_p: object  # [batch, N]: log p(z_k|z<k) of the sample
+    posterior_means: list  # per group, the posterior mean [batch, h_k, w_k, nz] (for active units)
+    decoder_params: object  # [batch, H, W, K]: the parameters of p(x|z)
+
+    def negative_elbo(self):
+        """-ELBO per image in nats, `[batch]`: -log p(x|z) + sum_k KL_k."""
+        return -self.recon_log_prob + ops.sum(self.kl, axis=1)
+
+    def log_weights(self, dtype="float32"):
+        """log p(x|z) + sum_k log p(z_k) - sum_k log q(z_k|x) per image, `[batch]`, summed in `dtype`: the log
+        importance weight of the sample."""
+        recon, log_p, log_q = (ops.cast(t, dtype) for t in (self.recon_log_prob, self.log_p, self.log_q))
+        return recon + ops.sum(log_p, axis=1) - ops.sum(log_q, axis=1)
 
 
 class LatentGroup(keras.layers.Layer):
@@ -72,6 +94,23 @@ class LatentGroup(keras.layers.Layer):
             s = run(cell, s, training) if run else cell(s, training=training)
         return s
 
+    def prior(self, s, temperature=1.0):
+        """p(z_k | z_<k) from the decoder state `s`: N(0, 1.01^2) for the top group (the raw parameters are
+        zero), else from `prior_raw`; sigma scaled by `temperature`."""
+        if self.is_top:
+            zeros = ops.zeros((*ops.shape(s)[:3], self.latent_channels), "float32")
+            return Normal.from_raw(zeros, zeros, temperature)
+        return self.normal(self.prior_raw(s), temperature)
+
+    def posterior_and_prior(self, s, encoder_feature, residual=True):
+        """(q(z_k | x, z_<k), p(z_k | z_<k)); with `residual` the posterior's raw parameters are offsets to the
+        prior's (NVAE's residual Normal, for every group but the top one)."""
+        raw = self.posterior_raw(s, encoder_feature)
+        if self.is_top:
+            return self.normal(raw), self.prior(s)
+        prior_raw = self.prior_raw(s)
+        return self.normal(prior_raw + raw if residual else raw), self.normal(prior_raw)
+
     def prior_raw(self, s):
         """Raw prior parameters `[batch, h, w, 2 nz]` from the decoder state (k > 0)."""
         return ops.cast(self.prior_sampler(ops.elu(s)), "float32")
@@ -116,18 +155,14 @@ class NVAE(keras.Model):
             self.preprocess.append(EncoderCell(channels, "down", c.use_se, name=f"pre_{b}_down"))
             channels *= 2
 
-        # Bottom-up tower: the feature after each group's cells is recorded for the top-down pass, except
-        # after the very last group (its feature goes through enc0 instead).
-        self.encoder_tower, self._record_after = [], []
+        # Bottom-up tower: for each scale, the cells of each latent group, then a down cell between scales.
+        self.encoder_tower = []
         for s in range(L):
             for g in range(groups[s]):
-                for i in range(c.num_cell_per_cond_enc):
-                    self.encoder_tower.append(EncoderCell(channels, "normal", c.use_se, name=f"enc_{s}_{g}_{i}"))
-                    self._record_after.append(i == c.num_cell_per_cond_enc - 1
-                                              and not (s == L - 1 and g == groups[s] - 1))
+                self.encoder_tower += [EncoderCell(channels, "normal", c.use_se, name=f"enc_{s}_{g}_{i}")
+                                       for i in range(c.num_cell_per_cond_enc)]
             if s < L - 1:
                 self.encoder_tower.append(EncoderCell(channels, "down", c.use_se, name=f"enc_{s}_down"))
-                self._record_after.append(False)
                 channels *= 2
         self.enc0 = Conv2D(channels, 1, name="enc0")
 
@@ -136,7 +171,8 @@ class NVAE(keras.Model):
         enc_channels = channels
         self.prior_ftr0 = self.add_weight(name="prior_ftr0", shape=(top, top, dec_channels),
                                           initializer=keras.initializers.RandomUniform(0.0, 1.0))
-        self.latent_groups, self.decoder_up_cells, self._up_after = [], [], {}
+        # Top-down: the latent groups of each scale, lowest resolution first, then an up cell between scales.
+        self.latent_groups, self.decoder_up_cells = [], []
         for j in range(L):
             for _ in range(groups[L - 1 - j]):
                 k = len(self.latent_groups)
@@ -144,7 +180,6 @@ class NVAE(keras.Model):
                                                       c.num_cell_per_cond_dec, c.num_nf, c.use_se,
                                                       name=f"group_{k}"))
             if j < L - 1:
-                self._up_after[len(self.latent_groups) - 1] = j
                 self.decoder_up_cells.append(GenerativeCell(dec_channels, "up", DECODER_EXPANSION, c.use_se,
                                                             name=f"dec_up_{j}"))
                 dec_channels //= 2
@@ -217,19 +252,33 @@ class NVAE(keras.Model):
         return ops.floor(x / 2.0 ** (8 - bits)) / (2.0 ** bits - 1.0)
 
     def call(self, images, training=False, noise=None):
-        """ELBO terms per image for a batch of uint8 images `[batch, H, W, C]`.
+        """The ELBO terms of every image of a batch of uint8 images `[batch, H, W, C]`, as `ForwardTerms`.
 
         `noise` is an optional noise source for the posterior samples (default: the model's seed generator).
-
-        Returns a dict:
-          recon_log_prob `[batch]`: log p(x|z) of one posterior sample (over the likelihood crop);
-          kl `[batch, N]`: KL of every group, top first (analytic without flows, log q - log p with flows);
-          log_q, log_p `[batch, N]`: log q(z_k|x, z<k) and log p(z_k|z<k) of the sample, for importance
-            weighting;
-          posterior_means: per group, the posterior mean `[batch, h_k, w_k, nz]` (for active units);
-          decoder_params `[batch, H, W, K]`: parameters of p(x|z).
         """
-        return self._forward(images, training=training, noise=noise)
+        noise = noise or KerasNoise(self.seed_generator)
+        x = self.preprocess_images(images)
+        features = self._encode(x, training)
+        groups = []  # per group: (posterior mean, log q, log p, KL), each `[batch]` but the mean
+
+        def posterior_sample(group, s):
+            q, prior = group.posterior_and_prior(s, features[group.index], self.config.res_dist)
+            z = q.sample(noise)
+            log_q = sum_per_image(q.log_prob(z))
+            for flow in group.flows:
+                z = flow(z)
+            log_p = sum_per_image(prior.log_prob(z))
+            groups.append((q.mu, log_q, log_p, log_q - log_p if group.flows else sum_per_image(q.kl(prior))))
+            return z
+
+        params = self._top_down(ops.shape(images)[0], posterior_sample, training)
+        crop = self.config.likelihood_crop
+        cropped = params[:, crop:-crop, crop:-crop, :] if crop else params
+        x = x[:, crop:-crop, crop:-crop, :] if crop else x
+        means, log_q, log_p, kl = zip(*groups)
+        return ForwardTerms(recon_log_prob=self.output_distribution(cropped).log_prob(x),
+                            kl=ops.stack(kl, axis=1), log_q=ops.stack(log_q, axis=1),
+                            log_p=ops.stack(log_p, axis=1), posterior_means=list(means), decoder_params=params)
 
     def get_config(self):
         return {"name": self.name, "config": self.config.to_dict(), "remat": self.remat}
@@ -239,58 +288,36 @@ class NVAE(keras.Model):
         from nvae_tf.config import NVAEConfig
         return cls(NVAEConfig.from_dict(config.pop("config")), **config)
 
-    def _forward(self, images, training=False, noise=None):
-        noise = noise or KerasNoise(self.seed_generator)
-        x = self.preprocess_images(images)
+    def _encode(self, x, training=False):
+        """The encoder feature each latent group's posterior reads, top group first: enc0's output for group 0,
+        then the tower's feature after the cells of the matching bottom-up group."""
         h = self.stem(2.0 * x - 1.0)
         for cell in self.preprocess:
             h = self._run_cell(cell, h, training)
+        cells = iter(self.encoder_tower)
         features = []
-        for cell, record in zip(self.encoder_tower, self._record_after):
-            h = self._run_cell(cell, h, training)
-            if record:
+        for scale, num_groups in enumerate(self.config.groups_per_scale):
+            for _ in range(num_groups):
+                for _ in range(self.config.num_cell_per_cond_enc):
+                    h = self._run_cell(next(cells), h, training)
                 features.append(h)
-        features.reverse()
-        ftr = ops.elu(self.enc0(ops.elu(h)))
+            if scale < self.config.num_latent_scales - 1:
+                h = self._run_cell(next(cells), h, training)
+        features[-1] = ops.elu(self.enc0(ops.elu(h)))  # the last bottom-up group feeds the top group via enc0
+        return features[::-1]
 
-        s = self._initial_state(ops.shape(images)[0])
-        kl, log_q, log_p, means = [], [], [], []
+    def _top_down(self, batch, latent, training=False):
+        """The generative pass shared by `call` and `sample`: from the learned initial state through every latent
+        group (its cells, then `s <- combine(s, latent(group, s))`), an up cell after the last group of each
+        scale, and the post-process blocks; returns the decoder parameters `[batch, H, W, K]`."""
+        scales = self.config.group_scales
+        s = self._initial_state(batch)
         for k, group in enumerate(self.latent_groups):
-            if group.is_top:
-                q = group.normal(group.posterior_raw(s, ftr))
-                prior = Normal.from_raw(ops.zeros_like(q.mu), ops.zeros_like(q.mu))
-            else:
-                s = group.run_cells(s, training, self._run_cell)
-                prior_raw = group.prior_raw(s)
-                posterior_raw = group.posterior_raw(s, features[k - 1])
-                prior = group.normal(prior_raw)
-                q = group.normal(prior_raw + posterior_raw if self.config.res_dist else posterior_raw)
-            means.append(q.mu)
-            z = q.sample(noise)
-            log_q.append(_sum_per_image(q.log_prob(z)))
-            for flow in group.flows:
-                z = flow(z)
-            log_p.append(_sum_per_image(prior.log_prob(z)))
-            kl.append(log_q[-1] - log_p[-1] if group.flows else _sum_per_image(q.kl(prior)))
-            s = group.combine(s, z)
-            if k in self._up_after:
-                s = self._run_cell(self.decoder_up_cells[self._up_after[k]], s, training)
-
-        params = self._decode(s, training=training)
-        crop = self.config.likelihood_crop
-        if crop:
-            x = x[:, crop:-crop, crop:-crop, :]
-            cropped = params[:, crop:-crop, crop:-crop, :]
-        else:
-            cropped = params
-        return {
-            "recon_log_prob": self.output_distribution(cropped).log_prob(x),
-            "kl": ops.stack(kl, axis=1),
-            "log_q": ops.stack(log_q, axis=1),
-            "log_p": ops.stack(log_p, axis=1),
-            "posterior_means": means,
-            "decoder_params": params,
-        }
+            s = group.run_cells(s, training, self._run_cell)
+            s = group.combine(s, latent(group, s))
+            if k + 1 < len(scales) and scales[k + 1] != scales[k]:
+                s = self._run_cell(self.decoder_up_cells[scales[k]], s, training)
+        return self._decode(s, training=training)
 
     def _run_cell(self, cell, x, training):
         """`cell(x)`; with `remat` in training, the cell's activations are not kept for the gradient but
@@ -348,19 +375,8 @@ class NVAE(keras.Model):
         `training=True` BatchNorm uses and updates batch statistics (BN readjustment).
         """
         noise = noise or KerasNoise(self.seed_generator)
-        s = self._initial_state(num_samples)
-        top_shape = (num_samples, *self.prior_ftr0.shape[:2], self.config.num_latent_per_group)
-        for k, group in enumerate(self.latent_groups):
-            if group.is_top:
-                zeros = ops.zeros(top_shape, "float32")
-                prior = Normal.from_raw(zeros, zeros, temperature)
-            else:
-                s = group.run_cells(s, training, self._run_cell)
-                prior = group.normal(group.prior_raw(s), temperature)
-            s = group.combine(s, prior.sample(noise))
-            if k in self._up_after:
-                s = self._run_cell(self.decoder_up_cells[self._up_after[k]], s, training)
-        return self.decode_pixels(self._decode(s, training=training), mode=mode, noise=noise)
+        params = self._top_down(num_samples, lambda group, s: group.prior(s, temperature).sample(noise), training)
+        return self.decode_pixels(params, mode=mode, noise=noise)
 
     # ----------------------------------------------------------------------------------- regularisation
     def spectral_norm_loss(self):
@@ -393,10 +409,6 @@ class NVAE(keras.Model):
     def batchnorm_loss(self):
         """Sum over BatchNorm layers of max_c |gamma_c| (an L-infinity norm per layer)."""
         return sum(ops.max(ops.abs(bn.gamma)) for bn in self.batchnorm_layers)
-
-
-def _sum_per_image(x):
-    return ops.sum(ops.reshape(x, (ops.shape(x)[0], -1)), axis=1)
 
 
 def _normalize(x):

@@ -16,6 +16,11 @@ def swish(x):
     return ops.silu(x)
 
 
+def sum_per_image(x):
+    """The sum over every axis but the first: `[batch, ...]` -> `[batch]`."""
+    return ops.sum(ops.reshape(x, (ops.shape(x)[0], -1)), axis=1)
+
+
 def channels_shape(channels):
     """An input shape that fixes only the channels, for building a layer whose weights depend on nothing else."""
     return (None, None, None, int(channels))

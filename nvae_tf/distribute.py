@@ -1,0 +1,97 @@
+"""Where a run executes: the distribution strategy, the chief, per-replica noise and replica-wide BatchNorm.
+
+One device, all local GPUs (MirroredStrategy), several machines (MultiWorkerMirroredStrategy when TF_CONFIG or
+Slurm names a cluster), or `--cpu_replicas=N` logical CPU devices. The model itself knows nothing of replicas:
+`prepare_model` switches on the synchronised BatchNorm statistics (over the global batch) that replicated
+training needs.
+"""
+
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+from nvae_tf.model.distributions import KerasNoise
+
+
+def split_cpu(num):
+    """Split the CPU into `num` logical devices; must run before TensorFlow initialises its devices."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * num)
+
+
+def make_strategy(cpu_replicas=0):
+    """MultiWorkerMirrored with a TF_CONFIG or Slurm cluster, Mirrored over several GPUs or CPU replicas, else the
+    default strategy."""
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    workers = sum(len(v) for k, v in tf_config.get("cluster", {}).items() if k in ("worker", "chief"))
+    if workers > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    slurm_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or 1)
+    if not tf_config and "SLURM_JOB_ID" in os.environ and slurm_tasks > 1:
+        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    if cpu_replicas > 1:
+        return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy):
+    """Whether this process writes the run's files: the chief task, else worker 0; outside a cluster, always."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type == "chief" or (task_type == "worker" and task_id == 0 and
+                                     "chief" not in resolver.cluster_spec().as_dict())
+
+
+def prepare_model(model):
+    """Make a built model ready for replicated execution: BatchNorm statistics over the global batch."""
+    for bn in model.batchnorm_layers:
+        bn.synchronized = True
+    return model
+
+
+class ReplicaNoise:
+    """Each replica draws the noise of the whole global batch and keeps its own slice, so the posterior samples
+    of N replicas are those of one replica with the global batch (and no two replicas share noise)."""
+
+    def __init__(self, noise, replica_id, num_replicas):
+        self.noise, self.replica_id, self.num_replicas = noise, replica_id, num_replicas
+
+    def _slice(self, draw, shape, dtype):
+        if self.num_replicas == 1:
+            return draw(shape, dtype)
+        batch = shape[0]
+        full = draw((batch * self.num_replicas, *shape[1:]), dtype)
+        return full[batch * self.replica_id:batch * (self.replica_id + 1)]
+
+    def normal(self, shape, dtype="float32"):
+        return self._slice(self.noise.normal, shape, dtype)
+
+    def uniform(self, shape, dtype="float32"):
+        return self._slice(self.noise.uniform, shape, dtype)
+
+
+def replica_noise(seed_generator):
+    """The noise source of the current replica, drawn from `seed_generator` (a `keras.random.SeedGenerator`)."""
+    context = tf.distribute.get_replica_context()
+    return ReplicaNoise(KerasNoise(seed_generator), context.replica_id_in_sync_group, context.num_replicas_in_sync)
+
+
+def total(strategy, *values):
+    """The sums over every replica of per-replica scalars (`strategy.run` results)."""
+    return tuple(strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in values)
+
+
+def seed_generator(seed, name, strategy=None):
+    """A `keras.random.SeedGenerator`, created in `strategy`'s scope when given."""
+    if strategy is None:
+        return keras.random.SeedGenerator(seed, name=name)
+    with strategy.scope():
+        return keras.random.SeedGenerator(seed, name=name)

@@ -1,0 +1,17 @@
+"""The faults a user can cause or meet, each with a message that says what is wrong and what to do.
+
+Every command prints such an error as one `error: ...` line and exits with status 2 (3 for a training run
+that cannot go on); nothing else reaches the user as a traceback.
+"""
+
+
+class RunError(ValueError):
+    """A flag, a run directory, a checkpoint or data that cannot be used; the message says why."""
+
+
+class ConfigError(RunError):
+    """An invalid flag or configuration value; the message starts with the flag at fault."""
+
+    def __init__(self, flag, message):
+        super().__init__(f"--{flag}: {message}")
+        self.flag = flag
