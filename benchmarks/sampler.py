@@ -75,8 +75,8 @@ def main():
         for batch in batches:
             print(f"exporting with TFLite batch {batch} ...", file=sys.stderr, flush=True)
             out = os.path.join(scratch, f"export_{batch}")
-            info = export.run(model_dir, out, tflite_batch=batch, tflite_quantize="float16",
-                              max_samples=max(batches))
+            info = export.run(export.ExportOptions(model_dir=model_dir, export_dir=out, tflite_batch=batch,
+                                                   tflite_quantize="float16", max_samples=max(batches)))
             version_dir = os.path.join(out, str(info["version"]))
             size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(version_dir) for f in files)
             loaded = tf.saved_model.load(version_dir)

@@ -33,7 +33,7 @@ def measure(config_name, precision, jit, batch, steps, remat=False):
 
     from nvae_tf import config as config_lib
     from nvae_tf import data as data_lib
-    from nvae_tf.train import Trainer
+    from nvae_tf.train import TrainOptions, Trainer
     logging.set_verbosity(logging.ERROR)
 
     fv = flags.FlagValues()
@@ -46,16 +46,16 @@ def measure(config_name, precision, jit, batch, steps, remat=False):
     source = data_lib.Source(config_name, config.image_shape, {"train": len(images), "validation": len(images)},
                              lambda split, shard=None, shuffle_files=False, seed=None: tf.data.Dataset.from_tensor_slices(images))
     with tempfile.TemporaryDirectory() as model_dir:
-        trainer = Trainer(config, model_dir, tf.distribute.get_strategy(), source, precision=precision,
-                          jit_compile=jit, remat=remat)
+        trainer = Trainer(config, tf.distribute.get_strategy(), source,
+                          TrainOptions(model_dir=model_dir, precision=precision, jit_compile=jit, remat=remat))
         batches = [b for b in source.dataset("train", batch, training=True)]
         start = time.perf_counter()
-        trainer._train_step(batches[0])
+        trainer.train_step(batches[0])
         trace = time.perf_counter() - start
-        trainer._train_step(batches[1 % len(batches)])  # a second warm-up step
+        trainer.train_step(batches[1 % len(batches)])  # a second warm-up step
         start = time.perf_counter()
         for i in range(steps):
-            metrics = trainer._train_step(batches[i % len(batches)])
+            metrics = trainer.train_step(batches[i % len(batches)])
         float(metrics["loss"])
         elapsed = time.perf_counter() - start
     gpus = tf.config.list_logical_devices("GPU")

@@ -44,7 +44,7 @@ def help_text(command, doc, option_classes, usage=None):
         if not by_group[group]:
             continue
         lines.append(f"{GROUP_TITLES[group]}:")
-        for f in by_group[group]:
+        for f in sorted(by_group[group], key=lambda f: not f.metadata["required"]):
             lines += _flag_lines(f)
         lines.append("")
     lines.append("  --verbose                      Show TensorFlow's own log lines too.")
@@ -67,6 +67,14 @@ def _flag_lines(f):
     return textwrap.wrap(body, WIDTH, initial_indent=prefix, subsequent_indent=" " * 33)
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _ours(record):
+    """Our own log lines, and anyone's errors; other libraries' notes (TensorFlow's among them) are dropped."""
+    return record.levelno >= py_logging.ERROR or os.path.abspath(record.pathname).startswith(_PACKAGE)
+
+
 class _Format(py_logging.Formatter):
     def format(self, record):
         message = record.getMessage()
@@ -87,6 +95,8 @@ def configure_console(verbose=False):
     logging.set_verbosity(logging.DEBUG if verbose else logging.INFO)
     handler = logging.get_absl_handler()
     handler.python_handler.setFormatter(_Format())
+    if not verbose:
+        handler.addFilter(_ours)
     handler.activate_python_handler()
 
 

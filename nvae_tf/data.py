@@ -32,12 +32,14 @@ import hashlib
 import json
 import os
 import re
-import sys
 import threading
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
+
+from nvae_tf import options
+from nvae_tf.errors import RunError
 
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -50,14 +52,8 @@ GLOW_FEATURES = {"shape": tf.io.FixedLenFeature([3], tf.int64), "data": tf.io.Fi
 CELEBAHQ_TFDS_ARCHIVE = "data256x256.tar"
 
 
-class DataError(ValueError):
+class DataError(RunError):
     """The data cannot be read as configured; the message names the path and what is expected there."""
-
-
-def define_flags(flag_values=None):
-    """Flags of every entry point that reads data."""
-    from nvae_tf.cli import define_data_flags
-    define_data_flags(flag_values)
 
 
 # ------------------------------------------------------------------------------------------- preprocessing
@@ -686,36 +682,34 @@ def _inspect(config, source, split, out, deterministic):
         print(f"wrote       {out}")
 
 
-def main(argv):
-    from absl import flags
+@dataclasses.dataclass(frozen=True)
+class InspectOptions(options.DataOptions):
+    inspect: bool = options.option(False, "Print split sizes and one batch's shape, dtype and value range.")
+    out: str = options.option("", "With --inspect: write the batch as a PNG grid here.")
+    split: str = options.option("train", "With --inspect: the split to look at.", group="data")
 
+
+def run_from_flags(fv):
     from nvae_tf import config as config_lib
-    fv = flags.FLAGS
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = config_lib.from_flags(fv)
+    opts = options.from_flags(InspectOptions, fv)
+    source = open_source(config, opts.data_dir, strict=opts.strict_data, download=opts.download)
     try:
-        config = config_lib.from_flags()
-        source = open_source(config, fv.data_dir, strict=fv.strict_data, download=fv.download)
-        if not fv.inspect:
+        if not opts.inspect:
             print("splits: " + ", ".join(f"{k} {v:,}" for k, v in source.sizes.items()) + " (add --inspect)")
             return 0
-        _inspect(config, source, fv.split, fv.out, fv.deterministic)
-    except (config_lib.ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        _inspect(config, source, opts.split, opts.out, opts.deterministic)
     except tf.errors.OpError as e:  # a file that failed while read, e.g. under --strict_data
-        print(f"error: {read_error_text(e)}", file=sys.stderr)
-        return 2
+        raise DataError(read_error_text(e)) from None
     return 0
 
 
-if __name__ == "__main__":
-    from absl import app, flags
-
+def main():
+    from nvae_tf import cli
     from nvae_tf import config as config_lib
-    config_lib.define_flags()
-    define_flags()
-    flags.DEFINE_bool("inspect", False, "Print split sizes and one batch's shape, dtype and value range.")
-    flags.DEFINE_string("out", "", "With --inspect: write the batch as a PNG grid here.")
-    flags.DEFINE_string("split", "train", "With --inspect: the split to look at.")
-    app.run(main)
+    cli.main("nvae_tf.data", __doc__, [config_lib.NVAEConfig, InspectOptions], run_from_flags,
+             usage="--flagfile=configs/X.flags [--inspect --out=batch.png]")
+
+
+if __name__ == "__main__":
+    main()

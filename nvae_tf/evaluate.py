@@ -11,44 +11,37 @@ forward pass (each image tiled `chunk` times) and folded into a running log-sum-
 the split, is printed in nats and bits/dim, written to `model_dir/eval_<split>.json` and to TensorBoard.
 """
 
-import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
-from absl import app, flags, logging
+from absl import logging
 
-from nvae_tf import data as data_lib
-from nvae_tf import runs
+from nvae_tf import cli, options, runs
+from nvae_tf.errors import RunError
+from nvae_tf.options import option
 
-FLAGS = flags.FLAGS
 
-
-def define_flags():
-    flags.DEFINE_string("model_dir", None, "Run directory written by nvae_tf.train.")
-    flags.DEFINE_string("checkpoint", None, "Checkpoint prefix or step number (default: the latest).")
-    flags.DEFINE_string("split", "validation", "Split to evaluate: validation or test (if the dataset has one).")
-    flags.DEFINE_integer("num_iw_samples", 1000, "Importance samples K per image.")
-    flags.DEFINE_integer("batch_size", 0, "Images per batch and replica (default: the run's batch_size).")
-    flags.DEFINE_integer("forward_batch", 0, "Images per forward pass and replica, i.e. batch_size x samples "
-                         "per pass (default: 4 x batch_size; lower it if memory runs out).")
-    flags.DEFINE_integer("max_images", 0, "Evaluate only the first N images of the split (0: all).")
-    flags.DEFINE_integer("seed", 0, "Seed of the importance samples.")
-    flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
-                      "Compute precision of the model (the log-sum-exp is float64 regardless).")
-    flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into this many logical devices (testing).")
-    data_lib.define_flags()
+@dataclass(frozen=True)
+class EvaluateOptions(options.RunOptions, options.DataOptions, options.ReplicaOptions):
+    split: str = option("validation", "Split to evaluate: validation or test (if the dataset has one).",
+                        group="data")
+    num_iw_samples: int = option(1000, "Importance samples K per image.", minimum=1)
+    batch_size: int = option(0, "Images per batch and replica (default: the run's batch_size).", minimum=0)
+    forward_batch: int = option(0, "Images per forward pass and replica, i.e. batch_size x samples per pass "
+                                "(default: 4 x batch_size; lower it if memory runs out).", minimum=0)
+    max_images: int = option(0, "Evaluate only the first N images of the split (0: all).", minimum=0, group="data")
+    seed: int = option(0, "Seed of the importance samples.")
+    precision: str = option("float32", "Compute precision of the model (the log-sum-exp is float64 regardless).",
+                            choices=options.PRECISIONS)
 
 
 # ------------------------------------------------------------------------------------- importance weighting
 def log_weights(out):
     """Per-sample log importance weights `[batch]` (float64) from the model's forward terms."""
-    import tensorflow as tf
-    recon = tf.cast(out["recon_log_prob"], tf.float64)
-    log_p = tf.reduce_sum(tf.cast(out["log_p"], tf.float64), axis=1)
-    log_q = tf.reduce_sum(tf.cast(out["log_q"], tf.float64), axis=1)
-    return recon + log_p - log_q
+    return out.log_weights("float64")
 
 
 def importance_weighted_log_likelihood(sample_log_weights, num_samples, chunk, batch):
@@ -98,10 +91,6 @@ def finish(state, num_samples):
     return running_max + tf.math.log(running_sum) - math.log(num_samples)
 
 
-def bits_per_dim(nats, dims):
-    return nats / (math.log(2.0) * dims)
-
-
 class Evaluator:
     """Importance-weighted NLL of a restored model under a distribution strategy.
 
@@ -114,8 +103,7 @@ class Evaluator:
         import keras
         import tensorflow as tf
 
-        from nvae_tf.model.distributions import KerasNoise
-        from nvae_tf.train import ReplicaNoise
+        from nvae_tf import distribute
         if num_iw_samples < 1:
             raise ValueError(f"--num_iw_samples must be >= 1, got {num_iw_samples}")
         self.model, self.strategy, self.num_iw_samples = model, strategy, num_iw_samples
@@ -126,9 +114,7 @@ class Evaluator:
             self.seed_generator = keras.random.SeedGenerator(seed, name="evaluate_noise")
 
         def replica_passes(images, first_pass, passes, running_max, running_sum):
-            context = tf.distribute.get_replica_context()
-            noise = ReplicaNoise(KerasNoise(self.seed_generator), context.replica_id_in_sync_group,
-                                 context.num_replicas_in_sync)
+            noise = distribute.replica_noise(self.seed_generator)
             batch = tf.shape(images)[0]
             tiled = tf.tile(images, [self.chunk, 1, 1, 1])
 
@@ -150,9 +136,7 @@ class Evaluator:
             return strategy.run(replica_passes, args=(images, first_pass, passes, *state))
 
         def finish_step(images, state):
-            total, count = strategy.run(replica_finish, args=(images, *state))
-            return (strategy.reduce(tf.distribute.ReduceOp.SUM, total, axis=None),
-                    strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None))
+            return distribute.total(strategy, *strategy.run(replica_finish, args=(images, *state)))
 
         self._start, self._passes, self._finish = (tf.function(start), tf.function(passes_step),
                                                    tf.function(finish_step))
@@ -187,7 +171,7 @@ class Evaluator:
             if progress:
                 progress(count, num_images, total / max(count, 1), time.time() - start)
         if count == 0:
-            raise data_lib.DataError("the split gave no images to evaluate")
+            raise RunError("the split gave no images to evaluate")
         return total / count, count
 
 
@@ -206,6 +190,7 @@ class Progress:
         self.last = elapsed
         rate = done / max(elapsed, 1e-9)
         images = f"{done}" if float(done).is_integer() else f"{done:.2f}"
+        from nvae_tf.objective import bits_per_dim
         figures = (f"{nats:.2f} nats  {bits_per_dim(nats, self.dims):.4f} bpd" if nats is not None
                    else "first batch in progress")
         if total:
@@ -223,75 +208,63 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def run(model_dir, split="validation", num_iw_samples=1000, checkpoint=None, batch_size=0, forward_batch=0,
-        max_images=0, seed=0, precision="float32", data_dir="", strict=False, download=True, strategy=None,
-        progress=True, cpu_replicas=0):
+def run(opts, strategy=None, progress=True):
     """Evaluate a run; returns the result dict that is also written to `model_dir/eval_<split>.json`."""
+    options.check(opts)
+    config = runs.load_config(opts.model_dir)
+    path = runs.find_checkpoint(opts.model_dir, opts.checkpoint)
     import keras
     import tensorflow as tf
 
-    from nvae_tf.train import is_chief, make_strategy
-    if num_iw_samples < 1:
-        raise runs.RunError(f"--num_iw_samples must be >= 1, got {num_iw_samples}")
-    if batch_size < 0 or forward_batch < 0 or max_images < 0:
-        raise runs.RunError("--batch_size, --forward_batch and --max_images must be >= 0")
-    config = runs.load_config(model_dir)
-    path = runs.find_checkpoint(model_dir, checkpoint)
-    source = data_lib.open_source(config, data_dir, strict=strict, download=download)
+    from nvae_tf import data as data_lib
+    from nvae_tf import distribute
+    from nvae_tf.objective import bits_per_dim
+    source = data_lib.open_source(config, opts.data_dir, strict=opts.strict_data, download=opts.download)
+    split = opts.split
     if split not in source.sizes:
-        raise runs.RunError(f"--split: {config.dataset} has no split {split!r}; it has "
-                            f"{', '.join(sorted(source.sizes))}")
-    strategy = strategy or make_strategy(cpu_replicas)
-    keras.mixed_precision.set_global_policy(precision)
-    batch_size = batch_size or config.batch_size
+        raise RunError(f"--split: {config.dataset} has no split {split!r}; it has {', '.join(sorted(source.sizes))}")
+    strategy = strategy or distribute.make_strategy(opts.cpu_replicas)
+    keras.mixed_precision.set_global_policy(opts.precision)
+    batch_size = opts.batch_size or config.batch_size
     with strategy.scope():
-        _, model, path = runs.load_model(model_dir, checkpoint)
-    evaluator = Evaluator(model, strategy, num_iw_samples, batch_size, forward_batch, seed)
-
+        _, model, path = runs.load_model(opts.model_dir, opts.checkpoint)
+    evaluator = Evaluator(model, strategy, opts.num_iw_samples, batch_size, opts.forward_batch, opts.seed)
+    max_images = opts.max_images
     num_images = source.sizes[split] if not max_images else min(max_images, source.sizes[split])
 
     def make(context):
         # Each input pipeline (one per worker) reads its own shard, so every image is counted once.
         ds = source.dataset(split, batch_size, training=False, input_context=context, deterministic=True,
-                            seed=seed)
+                            seed=opts.seed)
         if max_images:
             ds = ds.unbatch().take(-(-max_images // context.num_input_pipelines)).batch(batch_size)
         return ds
     logging.info("evaluating %s (%s) on %d %s images: K = %d importance samples, %d per forward pass, "
-                 "%d replicas", model_dir, os.path.basename(path), num_images, split, num_iw_samples,
+                 "%d replicas", opts.model_dir, os.path.basename(path), num_images, split, opts.num_iw_samples,
                  evaluator.chunk, strategy.num_replicas_in_sync)
     start = time.time()
     nats, count = evaluator.evaluate(strategy.distribute_datasets_from_function(make), num_images,
                                      Progress(config.data_dims) if progress else None)
-    result = {"model_dir": model_dir, "checkpoint": path, "step": runs.checkpoint_step(path), "split": split,
-              "dataset": config.dataset, "num_images": count, "num_iw_samples": num_iw_samples,
+    result = {"model_dir": opts.model_dir, "checkpoint": path, "step": runs.checkpoint_step(path), "split": split,
+              "dataset": config.dataset, "num_images": count, "num_iw_samples": opts.num_iw_samples,
               "nll_nats": nats, "bpd": bits_per_dim(nats, config.data_dims), "data_dims": config.data_dims,
-              "precision": precision, "seed": seed, "seconds": round(time.time() - start, 1)}
-    if is_chief(strategy):
-        out = os.path.join(model_dir, f"eval_{split}.json")
-        with open(out + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(out + ".tmp", out)
-        with tf.summary.create_file_writer(os.path.join(model_dir, "eval")).as_default(step=result["step"]):
+              "precision": opts.precision, "seed": opts.seed, "seconds": round(time.time() - start, 1)}
+    if distribute.is_chief(strategy):
+        runs.write_json(os.path.join(opts.model_dir, f"eval_{split}.json"), result)
+        with tf.summary.create_file_writer(os.path.join(opts.model_dir, "eval")).as_default(step=result["step"]):
             tf.summary.scalar(f"eval_{split}/nll_nats", nats)
             tf.summary.scalar(f"eval_{split}/bpd", result["bpd"])
-            tf.summary.scalar(f"eval_{split}/num_iw_samples", num_iw_samples)
+            tf.summary.scalar(f"eval_{split}/num_iw_samples", opts.num_iw_samples)
     return result
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.cpu_replicas > 1:
-        from nvae_tf.train import split_cpu
-        split_cpu(FLAGS.cpu_replicas)
-    try:
-        result = run(FLAGS.model_dir, FLAGS.split, FLAGS.num_iw_samples, FLAGS.checkpoint, FLAGS.batch_size,
-                     FLAGS.forward_batch, FLAGS.max_images, FLAGS.seed, FLAGS.precision, FLAGS.data_dir,
-                     FLAGS.strict_data, FLAGS.download, cpu_replicas=FLAGS.cpu_replicas)
-    except (runs.RunError, data_lib.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run_from_flags(fv):
+    opts = options.from_flags(EvaluateOptions, fv)
+    options.check(opts)
+    if opts.cpu_replicas > 1:
+        from nvae_tf import distribute
+        distribute.split_cpu(opts.cpu_replicas)
+    result = run(opts)
     nats = f"{result['nll_nats']:.2f} nats"
     if result["dataset"] == "mnist":
         nats += " (MNIST is reported in nats, on the 28x28 crop)"
@@ -301,6 +274,9 @@ def main(argv):
     return 0
 
 
+def main():
+    cli.main("nvae_tf.evaluate", __doc__, [EvaluateOptions], run_from_flags, usage="--model_dir=DIR [flags]")
+
+
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    main()

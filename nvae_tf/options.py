@@ -10,7 +10,7 @@ applies the bounds. Needs no TensorFlow, so a wrong flag is reported in well und
 import dataclasses
 from dataclasses import dataclass, field
 
-from nvae_tf.errors import ConfigError
+from nvae_tf.errors import ConfigError, RunError
 
 GROUPS = ("data", "model", "training", "run")
 
@@ -57,11 +57,11 @@ def from_flags(cls, flag_values=None, **overrides):
 
 
 def check(options):
-    """`ConfigError` naming the first flag of `options` that is missing or below its minimum."""
+    """`RunError` naming the first flag of `options` that is missing or below its minimum."""
     for f in fields(type(options)):
         value, minimum = getattr(options, f.name), f.metadata["minimum"]
         if f.metadata["required"] and not value:
-            raise ConfigError(f.name, "is required")
+            raise RunError(f"--{f.name} is required")
         if minimum is not None and value < minimum:
             raise ConfigError(f.name, f"must be >= {minimum}, got {value}")
     return options

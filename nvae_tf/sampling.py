@@ -51,8 +51,9 @@ def draw(model, num_samples, temperature, seed=0, pixels="sample"):
     return model.sample(num_samples, temperature, noise=seeded_noise(seed, "sample_noise"), mode=pixels).numpy()
 
 
-def reconstruct(model, images, noise, pixels="sample"):
-    """(inputs, reconstructions), float tensors in [0, 1], for uint8 `images`: one posterior sample, decoded."""
+def reconstruct(model, images, noise=None, pixels="sample"):
+    """(inputs, reconstructions), float tensors in [0, 1], for uint8 `images`: one posterior sample, decoded
+    (noise from `noise`, default the model's own generator)."""
     terms = model(images, training=False, noise=noise)
     return model.preprocess_images(images), model.decode_pixels(terms.decoder_params, mode=pixels, noise=noise)
 
@@ -70,6 +71,9 @@ def readjust_batchnorm(model, temperature, passes=500, batch=16, seed=0, progres
     passes of `batch` images at `temperature` (running <- 0.95 running + 0.05 batch). Weights are unchanged."""
     if passes < 1 or batch < 2:
         raise RunError(f"--bn_passes must be >= 1 and --bn_batch >= 2, got {passes} and {batch}")
+    if progress:
+        logging.info("re-estimating BatchNorm statistics: %d passes of %d samples at t = %g", passes, batch,
+                     temperature)
     noise = seeded_noise(seed, "readjust_noise")
     sample_pass = tf.function(lambda: model.sample(batch, temperature, noise=noise, mode="mean", training=True))
     reset_batchnorm(model)

@@ -6,15 +6,16 @@ one JSON object.
 """
 
 import json
-import sys
 
-from absl import app, flags
+from dataclasses import dataclass
 
+from nvae_tf import cli, options
 from nvae_tf import config as config_lib
 
-flags.DEFINE_bool("json", False, "End the output with one line of JSON.")
-config_lib.define_flags()
-FLAGS = flags.FLAGS
+
+@dataclass(frozen=True)
+class SummaryOptions:
+    json: bool = options.option(False, "End the output with one line of JSON.")
 
 
 def model_structure(config):
@@ -57,20 +58,18 @@ def format_structure(info):
     return "\n".join(lines)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        config = config_lib.from_flags()
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    info = model_structure(config)
+def run_from_flags(fv):
+    info = model_structure(config_lib.from_flags(fv))
     print(format_structure(info))
-    if FLAGS.json:
+    if fv.json:
         print(json.dumps(info))
     return 0
 
 
+def main():
+    cli.main("nvae_tf.summary", __doc__, [config_lib.NVAEConfig, SummaryOptions], run_from_flags,
+             usage="--flagfile=configs/X.flags [--json]")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    main()

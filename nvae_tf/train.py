@@ -13,54 +13,47 @@ only the step counter (the data position), the skip counters and, under mixed_fl
 No checkpoint is written while any model or optimiser variable is non-finite.
 """
 
-import json
 import math
 import os
 import re
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
-from absl import app, flags, logging
+from absl import logging
 
-from nvae_tf import cli, runs
+from nvae_tf import cli, options, runs
 from nvae_tf import config as config_lib
+from nvae_tf.errors import RunError
+from nvae_tf.options import option
 
-FLAGS = flags.FLAGS
-
-# Fields that change the model's weights: a run cannot resume with different values.
-STRUCTURAL_FIELDS = ("dataset", "image_size", "num_channels_enc", "num_channels_dec", "num_preprocess_blocks",
-                     "num_preprocess_cells", "num_postprocess_blocks", "num_postprocess_cells", "num_latent_scales",
-                     "num_groups_per_scale", "ada_groups", "min_groups_per_scale", "num_latent_per_group",
-                     "num_cell_per_cond_enc", "num_cell_per_cond_dec", "num_nf", "num_mixture_dec", "use_se",
-                     "res_dist", "num_x_bits")
 LOSS_SCALE_INITIAL = 2.0 ** 10
 LOSS_SCALE_GROWTH_STEPS = 2000
 SAMPLE_TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def define_flags():
-    config_lib.define_flags()
-    cli.define_data_flags()
-    flags.DEFINE_string("model_dir", None, "Run directory: config, checkpoints and TensorBoard logs.")
-    flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"], "Compute precision.")
-    flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA (slower on CPU).")
-    flags.DEFINE_bool("remat", False, "Gradient checkpointing per cell: keep only each cell's input and "
-                      "recompute its activations during back-propagation (less memory, about a third more "
-                      "compute). Does not change the result.")
-    flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into this many logical devices and train on all "
-                         "of them with MirroredStrategy (for testing multi-replica training anywhere).")
-    flags.DEFINE_integer("max_steps", 0, "Stop after this many steps in total (0: train all epochs).")
-    flags.DEFINE_integer("checkpoint_every", 1000, "Steps between checkpoints.")
-    flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints to keep.")
-    flags.DEFINE_integer("log_every", 50, "Steps between log lines and scalar summaries.")
-    flags.DEFINE_integer("max_skipped_steps", 20, "Stop after this many consecutive steps with a non-finite "
-                         "loss or gradient.")
-    flags.DEFINE_integer("eval_batches", 20, "Validation batches for the bits/dim of each epoch (0: all).")
-    flags.DEFINE_integer("num_summary_images", 8, "Images in each TensorBoard image summary.")
+@dataclass(frozen=True)
+class TrainOptions(options.DataOptions, options.ReplicaOptions):
+    """How a run trains (the model and its hyperparameters are the `NVAEConfig`)."""
+    model_dir: str = option(None, "Run directory: config, checkpoints and TensorBoard logs. A directory that holds "
+                            "a run is resumed.", required=True)
+    precision: str = option("float32", "Compute precision.", group="training", choices=options.PRECISIONS)
+    jit_compile: bool = option(False, "Compile the training step with XLA (slower on CPU).", group="training")
+    remat: bool = option(False, "Gradient checkpointing per cell: keep only each cell's input and recompute its "
+                         "activations during back-propagation (less memory, about a third more compute). Does not "
+                         "change the result.", group="training")
+    max_steps: int = option(0, "Stop after this many steps in total (0: train all epochs).", minimum=0)
+    checkpoint_every: int = option(1000, "Steps between checkpoints.", minimum=1)
+    keep_checkpoints: int = option(3, "Checkpoints to keep.", minimum=1)
+    log_every: int = option(50, "Steps between log lines and scalar summaries.", minimum=1)
+    max_skipped_steps: int = option(20, "Stop after this many consecutive steps with a non-finite loss or "
+                                    "gradient.", minimum=1)
+    eval_batches: int = option(20, "Validation batches for the bits/dim of each epoch (0: all).", minimum=0)
+    num_summary_images: int = option(8, "Images in each TensorBoard image summary.", minimum=0)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunError):
     """Training cannot go on; the message says why and what was kept."""
 
 
@@ -68,145 +61,21 @@ class CheckpointWriteError(TrainingError):
     """A checkpoint could not be written (disk full, no permission); the previous checkpoints are intact."""
 
 
-POSITIVE_FLAGS = ("checkpoint_every", "keep_checkpoints", "log_every", "max_skipped_steps")
-NON_NEGATIVE_FLAGS = ("max_steps", "eval_batches", "num_summary_images", "cpu_replicas")
-
-
-def check_flags(flag_values=None):
-    """Check the run flags that need no TensorFlow, so a wrong value stops the run in seconds."""
-    fv = flag_values if flag_values is not None else FLAGS
-    for name in POSITIVE_FLAGS:
-        if fv[name].value < 1:
-            raise config_lib.ConfigError(name, f"must be >= 1, got {fv[name].value}")
-    for name in NON_NEGATIVE_FLAGS:
-        if fv[name].value < 0:
-            raise config_lib.ConfigError(name, f"must be >= 0, got {fv[name].value}")
-    model_dir = fv.model_dir
-    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
-        raise config_lib.ConfigError("model_dir", f"{model_dir} is a file, not a directory")
-    parent = model_dir
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent.rstrip(os.sep))
-    if parent and not os.path.isdir(parent):
-        raise config_lib.ConfigError("model_dir", f"{model_dir} cannot be created: {parent} is a file")
-
-
-def open_model_dir(model_dir):
-    """Create `model_dir` and take its training lock (`runs.TrainingLock`); `ConfigError` if it cannot be
-    written, `runs.RunLockedError` if a live run holds it."""
-    try:
-        os.makedirs(model_dir, exist_ok=True)
-        lock = runs.TrainingLock(model_dir).acquire()
-    except OSError as e:
-        raise config_lib.ConfigError("model_dir", f"cannot write to {model_dir}: {e.strerror or e}") from None
-    if lock.previous:
-        logging.warning("took over the lock of %s left by a run that has ended (PID %s on host %s, started %s)",
-                        model_dir, lock.previous.get("pid"), lock.previous.get("host"),
-                        lock.previous.get("started"))
-    return lock
-
-
-# ------------------------------------------------------------------------------------------------ setup
-def split_cpu(num):
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * num)
-
-
-def make_strategy(cpu_replicas=0):
-    """MultiWorkerMirrored with a TF_CONFIG cluster, Mirrored over several GPUs or CPU replicas, else default."""
-    import tensorflow as tf
-    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
-    workers = sum(len(v) for k, v in tf_config.get("cluster", {}).items() if k in ("worker", "chief"))
-    if workers > 1:
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    slurm_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or 1)
-    if not tf_config and "SLURM_JOB_ID" in os.environ and slurm_tasks > 1:
-        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
-        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
-    if cpu_replicas > 1:
-        return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
-    return tf.distribute.get_strategy()
-
-
-def prepare_model_dir(model_dir, config, write=True):
-    """Save the config in `model_dir` (`write`: the chief only), or check it against the saved one when resuming."""
-    os.makedirs(model_dir, exist_ok=True)
-    path = os.path.join(model_dir, "config.json")
-    if os.path.exists(path):
-        try:
-            saved = runs.read_config(path)
-        except runs.RunError as e:
-            raise config_lib.ConfigError("model_dir", f"{e}; use another --model_dir, or move the file away "
-                                         f"to start a new run there") from None
-        for name in STRUCTURAL_FIELDS:
-            if getattr(saved, name) != getattr(config, name):
-                raise config_lib.ConfigError(
-                    name, f"{model_dir} holds a run with {name}={getattr(saved, name)!r}, but this run asks for "
-                    f"{getattr(config, name)!r}; that changes the model, so it cannot resume. Use another "
-                    f"--model_dir, or the saved value.")
-        changed = [f for f, v in config.to_dict().items() if saved.to_dict()[f] != v]
-        if changed:
-            logging.warning("resuming with changed settings: %s", ", ".join(
-                f"{f} {saved.to_dict()[f]!r} -> {config.to_dict()[f]!r}" for f in changed))
-    if write:
-        config.save(path + ".tmp")
-        os.replace(path + ".tmp", path)
-
-
-def is_chief(strategy):
-    import tensorflow as tf
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    return task_type == "chief" or (task_type == "worker" and task_id == 0 and
-                                     "chief" not in resolver.cluster_spec().as_dict())
-
-
-class ReplicaNoise:
-    """Each replica draws the noise of the whole global batch and keeps its own slice, so the posterior samples
-    of N replicas are those of one replica with the global batch (and no two replicas share noise)."""
-
-    def __init__(self, noise, replica_id, num_replicas):
-        self.noise, self.replica_id, self.num_replicas = noise, replica_id, num_replicas
-
-    def _slice(self, draw, shape, dtype):
-        if self.num_replicas == 1:
-            return draw(shape, dtype)
-        batch = shape[0]
-        full = draw((batch * self.num_replicas, *shape[1:]), dtype)
-        return full[batch * self.replica_id:batch * (self.replica_id + 1)]
-
-    def normal(self, shape, dtype="float32"):
-        return self._slice(self.noise.normal, shape, dtype)
-
-    def uniform(self, shape, dtype="float32"):
-        return self._slice(self.noise.uniform, shape, dtype)
-
-
 # ------------------------------------------------------------------------------------------------- trainer
 class Trainer:
     """Builds everything of a run inside the strategy's scope and runs the training loop."""
 
-    def __init__(self, config, model_dir, strategy, source, precision="float32", jit_compile=False, remat=False,
-                 deterministic=False, checkpoint_every=1000, keep_checkpoints=3, log_every=50,
-                 max_skipped_steps=20, eval_batches=20, num_summary_images=8):
+    def __init__(self, config, strategy, source, run_options):
         import keras
         import tensorflow as tf
 
         from nvae_tf import data as data_lib
-        from nvae_tf import objective
+        from nvae_tf import distribute, objective
         from nvae_tf.model import NVAE
         from nvae_tf.optim import NVAEAdamax, NVAELearningRate
 
-        self.config, self.model_dir, self.strategy, self.source = config, model_dir, strategy, source
-        self.deterministic, self.log_every = deterministic, log_every
-        self.checkpoint_every, self.max_skipped_steps = checkpoint_every, max_skipped_steps
-        self.eval_batches, self.num_summary_images = eval_batches, num_summary_images
+        self.config, self.strategy, self.source, self.options = config, strategy, source, run_options
+        self.model_dir = run_options.model_dir
         self.replicas = strategy.num_replicas_in_sync
         self.global_batch = config.batch_size * self.replicas
         self.steps_per_epoch = source.sizes["train"] // self.global_batch
@@ -214,16 +83,17 @@ class Trainer:
             raise data_lib.DataError(f"the training split has {source.sizes['train']} images, fewer than one "
                                      f"global batch of {self.global_batch}")
         self.total_steps = config.epochs * self.steps_per_epoch
-        self.chief = is_chief(strategy)
-        self.fp16 = precision == "mixed_float16"
-        keras.mixed_precision.set_global_policy(precision)
+        self.chief = distribute.is_chief(strategy)
+        self.fp16 = run_options.precision == "mixed_float16"
+        keras.mixed_precision.set_global_policy(run_options.precision)
         self.alpha = objective.kl_balance_alpha(config)
 
         with strategy.scope():
             keras.utils.set_random_seed(config.seed)
-            self.model = NVAE(config, remat=remat)
+            self.model = NVAE(config, remat=run_options.remat)
             logging.info("building NVAE (%s, %dx%dx%d)", config.dataset, *config.image_shape)
             self.model.build()
+            distribute.prepare_model(self.model)
             logging.info("built NVAE: %.2fM parameters", sum(int(math.prod(v.shape))
                                                            for v in self.model.trainable_variables) / 1e6)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
@@ -257,15 +127,16 @@ class Trainer:
                                               optimizer=self.optimizer, step=self.step,
                                               skipped=self.skipped, loss_scale=self.loss_scale,
                                               finite_streak=self.finite_streak)
-        directory = runs.checkpoint_dir(model_dir)
+        directory = runs.checkpoint_dir(self.model_dir)
         if self.chief:
             runs.repair_checkpoints(directory)
         else:
-            directory = os.path.join(model_dir, "worker_tmp", str(strategy.cluster_resolver.task_id))
-        self.keep_checkpoints = keep_checkpoints
-        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep_checkpoints)
-        self.writer = tf.summary.create_file_writer(model_dir) if self.chief else tf.summary.create_noop_writer()
-        self.train_step = tf.function(self._distributed_step, jit_compile=jit_compile)
+            directory = os.path.join(self.model_dir, "worker_tmp", str(strategy.cluster_resolver.task_id))
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory,
+                                                  max_to_keep=run_options.keep_checkpoints)
+        self.writer = (tf.summary.create_file_writer(self.model_dir) if self.chief
+                       else tf.summary.create_noop_writer())
+        self.train_step = tf.function(self._distributed_step, jit_compile=run_options.jit_compile)
         self._eval_step = tf.function(self._distributed_eval)
         self._probe = None
         self._resumed = False
@@ -274,12 +145,9 @@ class Trainer:
     def _replica_step(self, images):
         import tensorflow as tf
 
-        from nvae_tf import objective
-        from nvae_tf.model.distributions import KerasNoise
+        from nvae_tf import distribute, objective
         variables = self.model.trainable_variables
-        context = tf.distribute.get_replica_context()
-        noise = ReplicaNoise(KerasNoise(self.model.seed_generator), context.replica_id_in_sync_group,
-                             context.num_replicas_in_sync)
+        noise = distribute.replica_noise(self.model.seed_generator)
         with tf.GradientTape() as tape:
             out = self.model(images, training=True, noise=noise)
             loss, metrics = objective.nvae_loss(self.model, out, self.optimizer.iterations, self.total_steps,
@@ -336,20 +204,15 @@ class Trainer:
         return metrics
 
     def _distributed_eval(self, images):
+        """Summed negative ELBO (eval mode) and image count of a distributed batch."""
         import tensorflow as tf
 
-        from nvae_tf.model.distributions import KerasNoise
+        from nvae_tf import distribute
 
         def replica(x):
-            context = tf.distribute.get_replica_context()
-            noise = ReplicaNoise(KerasNoise(self.eval_seed_generator), context.replica_id_in_sync_group,
-                                 context.num_replicas_in_sync)
-            out = self.model(x, training=False, noise=noise)
-            nelbo = -out["recon_log_prob"] + tf.reduce_sum(out["kl"], axis=1)
-            return tf.reduce_sum(nelbo), tf.cast(tf.shape(x)[0], tf.float32)
-        total, count = self.strategy.run(replica, args=(images,))
-        return (self.strategy.reduce(tf.distribute.ReduceOp.SUM, total, axis=None),
-                self.strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None))
+            out = self.model(x, training=False, noise=distribute.replica_noise(self.eval_seed_generator))
+            return tf.reduce_sum(out.negative_elbo()), tf.cast(tf.shape(x)[0], tf.float32)
+        return distribute.total(self.strategy, *self.strategy.run(replica, args=(images,)))
 
     # ---------------------------------------------------------------------------------------------- data
     def _train_data(self, epoch, offset=0):
@@ -357,7 +220,7 @@ class Trainer:
 
         def make(ctx):
             ds = self.source.dataset("train", self.config.batch_size, training=True, input_context=ctx,
-                                     deterministic=self.deterministic, seed=seed)
+                                     deterministic=self.options.deterministic, seed=seed)
             return ds.skip(offset) if offset else ds
         return self.strategy.distribute_datasets_from_function(make)
 
@@ -394,7 +257,7 @@ class Trainer:
             logging.info("resumed from %s at step %d", path, int(self.step.numpy()))
             if self.chief:
                 self.manager = tf.train.CheckpointManager(self.checkpoint, directory,
-                                                          max_to_keep=self.keep_checkpoints)
+                                                          max_to_keep=self.options.keep_checkpoints)
             return path
         quarantined = os.path.join(directory, runs.DAMAGED_DIR)
         if damaged or runs.list_checkpoints(quarantined):
@@ -477,20 +340,20 @@ class Trainer:
                 metrics = self.train_step(images)
                 step += 1
                 batches += 1
-                if int(self.consecutive_skipped.numpy()) >= self.max_skipped_steps:
+                if int(self.consecutive_skipped.numpy()) >= self.options.max_skipped_steps:
                     raise TrainingError(
-                        f"{self.max_skipped_steps} consecutive steps had a non-finite loss or gradient (step {step}). "
+                        f"{self.options.max_skipped_steps} consecutive steps had a non-finite loss or gradient (step {step}). "
                         f"The last good checkpoint is kept: {self.manager.latest_checkpoint or 'none was written'}. "
                         f"Known remedies: a lower "
                         f"--learning_rate (e.g. 5e-3 or 1e-3 for small batches), a larger --weight_decay_norm, or "
                         f"--weight_decay_norm_anneal with --weight_decay_norm_init=1.0; check the data for "
                         f"corrupt images.")
-                if step % self.log_every == 0 or step == last:
+                if step % self.options.log_every == 0 or step == last:
                     now = time.time()
                     rate = (step - window_step) * self.global_batch / max(now - window_time, 1e-9)
                     window_time, window_step = now, step
                     self._log(step, last, epoch, metrics, rate, start_time, start_step)
-                if step - saved_step >= self.checkpoint_every and int(self.consecutive_skipped.numpy()) == 0:
+                if step - saved_step >= self.options.checkpoint_every and int(self.consecutive_skipped.numpy()) == 0:
                     self.save()
                     saved_step = step
                 if step >= last or stop_requested():
@@ -539,12 +402,15 @@ class Trainer:
         """Validation bits/dim and image summaries; abandoned at once if a stop is requested."""
         import numpy as np
         import tensorflow as tf
+
+        from nvae_tf import objective, sampling
         total, count = 0.0, 0.0  # host sums of device scalars, read once after the loop
         ds = self.source.dataset("validation", self.config.batch_size, training=False,
-                                 deterministic=self.deterministic, seed=self.config.seed)
-        if self.eval_batches:
-            ds = ds.take(self.eval_batches)
-        logging.info("validating after epoch %d (step %d, %s batches)", epoch + 1, step, self.eval_batches or "all")
+                                 deterministic=self.options.deterministic, seed=self.config.seed)
+        if self.options.eval_batches:
+            ds = ds.take(self.options.eval_batches)
+        logging.info("validating after epoch %d (step %d, %s batches)", epoch + 1, step,
+                     self.options.eval_batches or "all")
         self.eval_seed_generator.state.assign([self.config.seed + 1 + step, 0])
         for images in self.strategy.experimental_distribute_dataset(ds):
             t, c = self._eval_step(images)
@@ -553,21 +419,19 @@ class Trainer:
                 logging.info("validation of epoch %d abandoned: stop requested", epoch + 1)
                 return
         total, count = float(total), float(count)
-        bpd = total / max(count, 1.0) / (math.log(2.0) * self.config.data_dims)
+        bpd = objective.bits_per_dim(total / max(count, 1.0), self.config.data_dims)
         logging.info("epoch %d done at step %d: validation bpd %.4f (negative ELBO, %d images)", epoch + 1, step,
                      bpd, int(count))
         if not self.chief or stop_requested():
             return
         with self.writer.as_default(step=step):
             tf.summary.scalar("validation/bpd", bpd)
-            n = self.num_summary_images
+            n = self.options.num_summary_images
             first = next(iter(ds), None)
             if first is not None:
-                x = first[:n]
-                out = self.model(x, training=False)
-                recon = self.model.decode_pixels(out["decoder_params"], mode="mean").numpy()
-                inputs = self.model.preprocess_images(x).numpy()
-                tf.summary.image("reconstructions", np.concatenate([inputs, recon], axis=2), max_outputs=n, step=step)
+                inputs, recon = sampling.reconstruct(self.model, first[:n], pixels="mean")
+                tf.summary.image("reconstructions", np.concatenate([inputs, recon], axis=2), max_outputs=n,
+                                 step=step)
             for t in SAMPLE_TEMPERATURES:
                 tf.summary.image(f"samples/t{t:.1f}", self.model.sample(n, t, mode="mean").numpy(), max_outputs=n,
                                  step=step)
@@ -589,73 +453,68 @@ def _hms(seconds):
 
 
 # -------------------------------------------------------------------------------------------- entry point
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS.model_dir:
-        print("error: --model_dir is required", file=sys.stderr)
-        return 2
-    try:
-        check_flags()
-        config = config_lib.from_flags()
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        chief = cli.process_is_chief()
-        # The lock is taken before TensorFlow starts, so a second run on the same directory stops at once.
-        lock = open_model_dir(FLAGS.model_dir) if chief else None
-    except (ValueError, runs.RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if FLAGS.cpu_replicas > 1:
-        split_cpu(FLAGS.cpu_replicas)
-    import tensorflow as tf
+def run(config, run_options, handle_signals=False):
+    """Train `config` as `run_options` say; returns (final step, newest checkpoint).
 
-    from nvae_tf import data as data_lib
-    if FLAGS.deterministic:
-        tf.config.experimental.enable_op_determinism()
+    The flags are checked and the run directory locked before TensorFlow starts, so a wrong value or a second
+    run on the same directory stops at once. With `handle_signals`, SIGTERM and SIGINT once training has started
+    write a checkpoint after the current step and end the run."""
+    options.check(run_options)
+    runs.check_model_dir(run_options.model_dir)
+    chief = cli.process_is_chief()
+    # The lock is taken before TensorFlow starts, so a second run on the same directory stops at once.
+    lock = runs.open_for_training(run_options.model_dir) if chief else None
     try:
-        strategy = make_strategy(FLAGS.cpu_replicas)
-        prepare_model_dir(FLAGS.model_dir, config, write=chief)
-        source = data_lib.open_source(config, FLAGS.data_dir, strict=FLAGS.strict_data, download=FLAGS.download)
-        trainer = Trainer(config, FLAGS.model_dir, strategy, source, precision=FLAGS.precision,
-                          jit_compile=FLAGS.jit_compile, remat=FLAGS.remat, deterministic=FLAGS.deterministic,
-                          checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
-                          log_every=FLAGS.log_every, max_skipped_steps=FLAGS.max_skipped_steps,
-                          eval_batches=FLAGS.eval_batches, num_summary_images=FLAGS.num_summary_images)
-    except (config_lib.ConfigError, data_lib.DataError, runs.RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        if lock:
-            lock.release()
-        return 2
+        from nvae_tf import distribute
+        if run_options.cpu_replicas > 1:
+            distribute.split_cpu(run_options.cpu_replicas)
+        import tensorflow as tf
 
-    stop = {"requested": False}
+        from nvae_tf import data as data_lib
+        if run_options.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        strategy = distribute.make_strategy(run_options.cpu_replicas)
+        runs.write_config(run_options.model_dir, config, write=chief)
+        source = data_lib.open_source(config, run_options.data_dir, strict=run_options.strict_data,
+                                      download=run_options.download)
+        trainer = Trainer(config, strategy, source, run_options)
+        stop = []
+        if handle_signals:
+            def request_stop(signum, _frame):
+                logging.warning("received signal %d: saving a checkpoint after the current step", signum)
+                stop.append(signum)
 
-    def request_stop(signum, _frame):
-        logging.warning("received signal %d: saving a checkpoint after the current step", signum)
-        stop["requested"] = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    try:
-        step = trainer.train(max_steps=FLAGS.max_steps, stop_requested=lambda: stop["requested"])
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except tf.errors.InvalidArgumentError as e:
-        if "unreadable image" not in str(e):
-            raise
-        print(f"error: {data_lib.read_error_text(e)} (--strict_data); the newest checkpoint is "
-              f"{trainer.manager.latest_checkpoint or 'none'}", file=sys.stderr)
-        return 2
+            signal.signal(signal.SIGTERM, request_stop)
+            signal.signal(signal.SIGINT, request_stop)
+        try:
+            step = trainer.train(max_steps=run_options.max_steps, stop_requested=lambda: bool(stop))
+        except tf.errors.InvalidArgumentError as e:
+            if "unreadable image" not in str(e):
+                raise
+            raise RunError(f"{data_lib.read_error_text(e)} (--strict_data); the newest checkpoint is "
+                           f"{trainer.manager.latest_checkpoint or 'none'}") from None
+        return step, trainer.manager.latest_checkpoint
     finally:
         if lock:
             lock.release()
-    logging.info("stopped at step %d; checkpoint %s", step, trainer.manager.latest_checkpoint)
+
+
+def run_from_flags(fv):
+    config = config_lib.from_flags(fv)
+    run_options = options.from_flags(TrainOptions, fv)
+    try:
+        step, checkpoint = run(config, run_options, handle_signals=True)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    logging.info("stopped at step %d; checkpoint %s", step, checkpoint)
     return 0
 
 
+def main():
+    cli.main("nvae_tf.train", __doc__, [config_lib.NVAEConfig, TrainOptions], run_from_flags,
+             usage="--flagfile=configs/X.flags --model_dir=DIR [flags]")
+
+
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    main()

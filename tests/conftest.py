@@ -42,12 +42,14 @@ def trained_run(tmp_path_factory):
     import tensorflow as tf
 
     from nvae_tf import data as data_lib
-    from nvae_tf.train import Trainer, prepare_model_dir
+    from nvae_tf import runs
+    from nvae_tf.train import TrainOptions, Trainer
     config = load_flagfile("digits", **TINY_RUN)
     model_dir = str(tmp_path_factory.mktemp("trained_run") / "run")
-    prepare_model_dir(model_dir, config)
-    trainer = Trainer(config, model_dir, tf.distribute.get_strategy(), data_lib.open_source(config),
-                      checkpoint_every=TINY_RUN_CHECKPOINTS[0], log_every=50, eval_batches=2, num_summary_images=2)
+    runs.write_config(model_dir, config)
+    trainer = Trainer(config, tf.distribute.get_strategy(), data_lib.open_source(config),
+                      TrainOptions(model_dir=model_dir, checkpoint_every=TINY_RUN_CHECKPOINTS[0], log_every=50,
+                                   eval_batches=2, num_summary_images=2))
     step = trainer.train(max_steps=TINY_RUN_STEPS)
     assert step == TINY_RUN_STEPS
     checkpoints = sorted(os.path.basename(p) for p in trainer.manager.checkpoints)

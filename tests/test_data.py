@@ -1,6 +1,5 @@
 """Input pipelines: TFDS datasets through tfds.testing.mock_data, GLOW TFRecords, image folders, digits."""
 
-import io
 import logging
 import os
 import re

@@ -210,7 +210,7 @@ def test_toy_estimate_is_reproducible_by_seed(toy):
 # ========================================================================= bits per dimension
 def test_bits_per_dim_divides_by_ln2_and_the_likelihood_dimensions():
     from conftest import load_flagfile
-    from nvae_tf.evaluate import bits_per_dim
+    from nvae_tf.objective import bits_per_dim
     mnist = load_flagfile("mnist")
     assert mnist.data_dims == 28 * 28  # the likelihood crop of the 32x32 padded images
     cifar = load_flagfile("cifar10")
@@ -317,7 +317,7 @@ def test_k64_is_not_worse_than_k1_on_the_trained_model(restored):
 def test_run_refuses_bad_numbers_before_touching_the_run(trained_run, kwargs, flag):
     from nvae_tf import evaluate, runs
     with pytest.raises(runs.RunError, match=flag):
-        evaluate.run(trained_run.model_dir, **kwargs)
+        evaluate.run(evaluate.EvaluateOptions(model_dir=trained_run.model_dir, **kwargs))
     assert not os.path.exists(os.path.join(trained_run.model_dir, "eval_validation.json"))
 
 
@@ -460,8 +460,8 @@ def test_run_evaluates_the_split_it_is_asked_for(trained_run, tmp_path):
     from nvae_tf import evaluate, runs
     model_dir = str(tmp_path / "run")
     shutil.copytree(trained_run.model_dir, model_dir)
-    result = evaluate.run(model_dir, split="train", num_iw_samples=1, batch_size=8, max_images=16, seed=2,
-                          progress=False)
+    result = evaluate.run(evaluate.EvaluateOptions(model_dir=model_dir, split="train", num_iw_samples=1,
+                                                   batch_size=8, max_images=16, seed=2), progress=False)
     assert result["split"] == "train" and result["num_images"] == 16
     assert read_json(os.path.join(model_dir, "eval_train.json"))["nll_nats"] == result["nll_nats"]
     config, model, _ = runs.load_model(model_dir)

@@ -761,14 +761,14 @@ class ReferenceNoise:
 def _noise(seed):
     import tensorflow as tf
 
-    from nvae_tf.export import HashNoise
+    from nvae_tf.serving import HashNoise
     return HashNoise(tf.constant(seed, tf.int64))
 
 
 def test_hash32_equals_a_numpy_reference():
     import tensorflow as tf
 
-    from nvae_tf.export import hash32
+    from nvae_tf.serving import hash32
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.integers(-2 ** 31, 2 ** 31, 200_000), np.arange(-1000, 1000),
                         [-2 ** 31, -2 ** 31 + 1, -65536, -65537, -1, 0, 1, 65535, 65536, 2 ** 31 - 1]])
@@ -811,7 +811,7 @@ def _draws_in_a_graph():
 
 
 def _draws(seed):
-    from nvae_tf.export import HashNoise
+    from nvae_tf.serving import HashNoise
     noise = HashNoise(seed)
     return [noise.uniform([9]), noise.normal([4, 3]), noise.uniform([2])]
 

@@ -57,14 +57,15 @@ def warnings_of(stderr):
 # ===================================================================== 1. a skipped step changes nothing
 SKIP_SCRIPT = r'''
 import json, sys
-from nvae_tf.train import split_cpu
+from nvae_tf.distribute import split_cpu
 if int(sys.argv[3]) > 1:
     split_cpu(int(sys.argv[3]))
 import numpy as np
 import tensorflow as tf
 from nvae_tf import data as data_lib, objective
 from nvae_tf.config import from_flagfile
-from nvae_tf.train import Trainer, make_strategy
+from nvae_tf.distribute import make_strategy
+from nvae_tf.train import TrainOptions, Trainer
 
 small, base, replicas, remats = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 
@@ -87,7 +88,8 @@ assert strategy.num_replicas_in_sync == replicas
 for remat in remats:
     if True:
         config = from_flagfile("configs/digits.flags", **small, num_nf=1, batch_size=8 // replicas, epochs=2)
-        t = Trainer(config, f"{base}/r{replicas}_{remat}", strategy, data_lib.open_source(config), remat=remat)
+        t = Trainer(config, strategy, data_lib.open_source(config),
+                    TrainOptions(model_dir=f"{base}/r{replicas}_{remat}", remat=remat))
         batches = iter(t.distribute(t.source.dataset("train", 8, training=True, deterministic=True, seed=3)))
         t.train_step(next(batches))  # optimiser slots and BN statistics away from their initial values
         bias = t.model.stem.bias
@@ -170,9 +172,10 @@ def small_trainer(tmp_path):
     import tensorflow as tf
 
     from nvae_tf import data as data_lib
-    from nvae_tf.train import Trainer
+    from nvae_tf.train import TrainOptions, Trainer
     config = load_flagfile("digits", **SMALL, batch_size=8, epochs=2)
-    return Trainer(config, str(tmp_path / "run"), tf.distribute.get_strategy(), data_lib.open_source(config))
+    return Trainer(config, tf.distribute.get_strategy(), data_lib.open_source(config),
+                   TrainOptions(model_dir=str(tmp_path / "run")))
 
 
 def test_no_checkpoint_is_written_while_a_variable_is_not_finite(small_trainer):

@@ -24,6 +24,11 @@ MOMENTUM = 0.95  # running <- 0.95 running + 0.05 batch
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def run_sample(model_dir, **kwargs):
+    from nvae_tf import sample
+    return sample.run(sample.SampleOptions(model_dir=model_dir, **kwargs))
+
+
 def load(trained_run, checkpoint=None):
     from nvae_tf import runs
     return runs.load_model(trained_run.model_dir, checkpoint)[1]
@@ -104,7 +109,7 @@ def sample_statistics(model, temperature, batches, batch, seed):
 
 
 def readjust(model, temperature=0.6, passes=4, batch=8, seed=9):
-    from nvae_tf.sample import readjust_batchnorm
+    from nvae_tf.sampling import readjust_batchnorm
     readjust_batchnorm(model, temperature, passes=passes, batch=batch, seed=seed, progress=False)
     return bn_stats(model)
 
@@ -207,7 +212,7 @@ def test_readjustment_moves_the_statistics_to_those_of_samples_at_its_temperatur
 
 def test_readjustment_rejects_too_few_passes_or_images(trained_run):
     from nvae_tf import runs
-    from nvae_tf.sample import readjust_batchnorm
+    from nvae_tf.sampling import readjust_batchnorm
     model = load(trained_run)
     before = bn_stats(model)
     for passes, batch in ((0, 16), (10, 1)):
@@ -219,7 +224,7 @@ def test_readjustment_rejects_too_few_passes_or_images(trained_run):
 
 # ======================================================================================== drawing
 def test_draw_is_reproducible_by_seed(trained_run):
-    from nvae_tf.sample import draw
+    from nvae_tf.sampling import draw
     model = load(trained_run)
     for pixels in ("sample", "mean"):
         a = draw(model, 6, 0.7, seed=1, pixels=pixels)
@@ -233,10 +238,9 @@ def test_draw_is_reproducible_by_seed(trained_run):
 
 
 def test_same_seed_same_png_bytes_and_another_seed_another_png(trained_run, tmp_path):
-    from nvae_tf import sample
     paths = {name: str(tmp_path / f"{name}.png") for name in ("a", "b", "c")}
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
-        sample.run(trained_run.model_dir, num_samples=9, seed=seed, out=paths[name])
+        run_sample(trained_run.model_dir, num_samples=9, seed=seed, out=paths[name])
     data = {name: open(path, "rb").read() for name, path in paths.items()}
     assert data["a"].startswith(b"\x89PNG")
     assert data["a"] == data["b"]
@@ -245,9 +249,9 @@ def test_same_seed_same_png_bytes_and_another_seed_another_png(trained_run, tmp_
 
 @pytest.mark.parametrize("num_samples, columns", [(1, 0), (5, 0), (10, 0), (7, 3)])
 def test_sample_mode_writes_a_grid_of_the_requested_samples(trained_run, tmp_path, num_samples, columns):
-    from nvae_tf import imaging, sample
+    from nvae_tf import imaging, sampling
     out = str(tmp_path / "grid.png")
-    grid, path = sample.run(trained_run.model_dir, num_samples=num_samples, temperature=0.8, seed=4,
+    grid, path = run_sample(trained_run.model_dir, num_samples=num_samples, temperature=0.8, seed=4,
                             columns=columns, out=out)
     assert os.path.basename(path) == f"ckpt-{TINY_RUN_STEPS}"
     cols = columns or math.ceil(math.sqrt(num_samples))
@@ -257,7 +261,7 @@ def test_sample_mode_writes_a_grid_of_the_requested_samples(trained_run, tmp_pat
     png = read_png(out)
     np.testing.assert_array_equal(png, grid[..., 0])
     # The tiles are the samples of `draw` with the same seed (pixel means: the digits decoder is Bernoulli).
-    expected = enlarged(sample.draw(load(trained_run), num_samples, 0.8, seed=4, pixels="mean"))
+    expected = enlarged(sampling.draw(load(trained_run), num_samples, 0.8, seed=4, pixels="mean"))
     for i in range(num_samples):
         np.testing.assert_array_equal(tile(png, i, cols), expected[i, ..., 0], err_msg=f"tile {i}")
     rows = math.ceil(num_samples / cols)
@@ -266,10 +270,10 @@ def test_sample_mode_writes_a_grid_of_the_requested_samples(trained_run, tmp_pat
 
 
 def test_temperatures_mode_writes_one_row_per_temperature_with_the_same_noise(trained_run, tmp_path):
-    from nvae_tf import sample
+    from nvae_tf import sampling
     temperatures = [0.3, 0.8, 1.0]
     out = str(tmp_path / "t.png")
-    grid, _ = sample.run(trained_run.model_dir, mode="temperatures", temperatures="0.3, 0.8,1.0", num_samples=5,
+    grid, _ = run_sample(trained_run.model_dir, mode="temperatures", temperatures="0.3, 0.8,1.0", num_samples=5,
                          seed=2, out=out)
     height, width = grid_shape(5 * len(temperatures), 5)
     assert png_size(out) == ((width, height), "L")
@@ -277,7 +281,7 @@ def test_temperatures_mode_writes_one_row_per_temperature_with_the_same_noise(tr
     model = load(trained_run)
     rows = []
     for r, t in enumerate(temperatures):
-        expected = enlarged(sample.draw(model, 5, t, seed=2, pixels="mean"))
+        expected = enlarged(sampling.draw(model, 5, t, seed=2, pixels="mean"))
         row = np.stack([tile(png, r * 5 + c, 5) for c in range(5)])
         np.testing.assert_array_equal(row, expected[..., 0], err_msg=f"row {r} (t = {t})")
         rows.append(row)
@@ -286,10 +290,9 @@ def test_temperatures_mode_writes_one_row_per_temperature_with_the_same_noise(tr
 
 def test_reconstruct_mode_pairs_each_dataset_image_with_its_reconstruction(trained_run, tmp_path):
     from nvae_tf import data as data_lib
-    from nvae_tf import sample
     n = 6
     out = str(tmp_path / "r.png")
-    grid, _ = sample.run(trained_run.model_dir, mode="reconstruct", num_samples=n, seed=3, out=out)
+    grid, _ = run_sample(trained_run.model_dir, mode="reconstruct", num_samples=n, seed=3, out=out)
     columns = 2 * math.ceil(math.sqrt(n))  # pairs of columns: input, reconstruction
     height, width = grid_shape(2 * n, columns)
     assert png_size(out) == ((width, height), "L")
@@ -310,25 +313,24 @@ def test_reconstruct_mode_pairs_each_dataset_image_with_its_reconstruction(train
 
 
 def test_sample_loads_a_checkpoint_by_step_number(trained_run, tmp_path):
-    from nvae_tf import runs, sample
-    grid_100, path = sample.run(trained_run.model_dir, num_samples=4, seed=1, checkpoint="100",
+    from nvae_tf import runs, sampling
+    grid_100, path = run_sample(trained_run.model_dir, num_samples=4, seed=1, checkpoint="100",
                                 out=str(tmp_path / "a.png"))
     assert os.path.basename(path) == "ckpt-100"
-    grid_150, _ = sample.run(trained_run.model_dir, num_samples=4, seed=1, out=str(tmp_path / "b.png"))
+    grid_150, _ = run_sample(trained_run.model_dir, num_samples=4, seed=1, out=str(tmp_path / "b.png"))
     assert not np.array_equal(grid_100, grid_150)
-    expected = enlarged(sample.draw(load(trained_run, "100"), 4, 0.7, seed=1, pixels="mean"))
+    expected = enlarged(sampling.draw(load(trained_run, "100"), 4, 0.7, seed=1, pixels="mean"))
     np.testing.assert_array_equal(tile(grid_100[..., 0], 3, 2), expected[3, ..., 0])
     with pytest.raises(runs.RunError, match=r"ckpt-7 does not exist .*ckpt-100, ckpt-150"):
-        sample.run(trained_run.model_dir, checkpoint="7", out=str(tmp_path / "c.png"))
+        run_sample(trained_run.model_dir, checkpoint="7", out=str(tmp_path / "c.png"))
     assert not os.path.exists(tmp_path / "c.png")
 
 
 def test_readjust_bn_in_run_is_reproducible_and_changes_the_samples(trained_run, tmp_path):
-    from nvae_tf import sample
     kwargs = dict(num_samples=4, temperature=0.5, seed=8, readjust_bn=True, bn_passes=3, bn_batch=4)
-    a, _ = sample.run(trained_run.model_dir, out=str(tmp_path / "a.png"), **kwargs)
-    b, _ = sample.run(trained_run.model_dir, out=str(tmp_path / "b.png"), **kwargs)
-    plain, _ = sample.run(trained_run.model_dir, out=str(tmp_path / "c.png"), **{**kwargs, "readjust_bn": False})
+    a, _ = run_sample(trained_run.model_dir, out=str(tmp_path / "a.png"), **kwargs)
+    b, _ = run_sample(trained_run.model_dir, out=str(tmp_path / "b.png"), **kwargs)
+    plain, _ = run_sample(trained_run.model_dir, out=str(tmp_path / "c.png"), **{**kwargs, "readjust_bn": False})
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, plain)
 
@@ -337,25 +339,24 @@ def test_readjust_bn_in_run_is_reproducible_and_changes_the_samples(trained_run,
     (dict(temperature=0.0), "--temperature must be in (0, 2]"),
     (dict(temperature=-0.5), "--temperature must be in (0, 2]"),
     (dict(temperature=2.0001), "--temperature must be in (0, 2]"),
-    (dict(num_samples=0), "--num_samples must be >= 1"),
-    (dict(num_samples=-4), "--num_samples must be >= 1"),
+    (dict(num_samples=0), "--num_samples: must be >= 1"),
+    (dict(num_samples=-4), "--num_samples: must be >= 1"),
     (dict(mode="temperatures", temperatures="0.5,2.5"), "--temperatures must be in (0, 2]"),
     (dict(mode="temperatures", temperatures="0.5,hot"), "--temperatures: expected comma-separated numbers"),
     (dict(mode="temperatures", temperatures=" , "), "--temperatures is empty"),
     (dict(mode="reconstruct", split="test"), "--split: digits has no split 'test'; it has train, validation"),
 ])
 def test_run_refuses_bad_arguments(trained_run, tmp_path, kwargs, message):
-    from nvae_tf import runs, sample
+    from nvae_tf import runs
     out = tmp_path / "never.png"
     with pytest.raises(runs.RunError) as info:
-        sample.run(trained_run.model_dir, out=str(out), **kwargs)
+        run_sample(trained_run.model_dir, out=str(out), **kwargs)
     assert message in str(info.value)
     assert not out.exists()
 
 
 def test_temperature_two_is_allowed(trained_run, tmp_path):
-    from nvae_tf import sample
-    grid, _ = sample.run(trained_run.model_dir, num_samples=1, temperature=2.0, out=str(tmp_path / "hot.png"))
+    grid, _ = run_sample(trained_run.model_dir, num_samples=1, temperature=2.0, out=str(tmp_path / "hot.png"))
     assert grid.shape == (TILE + 2 * PAD, TILE + 2 * PAD, 1)
 
 
@@ -387,15 +388,14 @@ def cli(trained_run, tmp_path_factory):
 
 
 def test_cli_writes_the_same_png_as_the_same_seed_in_process(cli, trained_run, tmp_path):
-    from nvae_tf import sample
     r = cli.results["sample"]
     assert r.rc == 0, r.stderr[-3000:]
     out = str(cli.base / "sample.png")
     height, width = grid_shape(10, 4)
     assert png_size(out) == ((width, height), "L")
     assert f"wrote {out} ({width}x{height}, mode sample, ckpt-{TINY_RUN_STEPS})" in r.stdout
-    sample.run(trained_run.model_dir, num_samples=10, seed=3, out=str(tmp_path / "same.png"))
-    sample.run(trained_run.model_dir, num_samples=10, seed=4, out=str(tmp_path / "other.png"))
+    run_sample(trained_run.model_dir, num_samples=10, seed=3, out=str(tmp_path / "same.png"))
+    run_sample(trained_run.model_dir, num_samples=10, seed=4, out=str(tmp_path / "other.png"))
     with open(out, "rb") as f:
         cli_bytes = f.read()
     assert cli_bytes == (tmp_path / "same.png").read_bytes()

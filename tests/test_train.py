@@ -9,6 +9,7 @@ Subprocesses (`python -m nvae_tf.train`): whatever is process-global (op determi
 signals, TF_CONFIG) or is about the command line.
 """
 
+import dataclasses
 import glob
 import json
 import math
@@ -188,9 +189,9 @@ def make_trainer(model_dir, config, **kwargs):
     import tensorflow as tf
 
     from nvae_tf import data as data_lib
-    from nvae_tf.train import Trainer
+    from nvae_tf.train import TrainOptions, Trainer
     source = data_lib.open_source(config)
-    return Trainer(config, str(model_dir), tf.distribute.get_strategy(), source, **kwargs)
+    return Trainer(config, tf.distribute.get_strategy(), source, TrainOptions(model_dir=str(model_dir), **kwargs))
 
 
 def weights_of(trainer):
@@ -341,7 +342,7 @@ def nan_steps(trained):
     t.save()
     checkpoint = t.manager.latest_checkpoint
     checkpoint_files = files_digest(os.path.dirname(checkpoint))
-    t.max_skipped_steps = 3
+    t.options = dataclasses.replace(t.options, max_skipped_steps=3)
     with poisoned(t.model.stem.bias):
         try:
             t.train(max_steps=step1 + 30)
