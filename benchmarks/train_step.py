@@ -33,7 +33,8 @@ def measure(config_name, precision, jit, batch, steps, remat=False):
 
     from nvae_tf import config as config_lib
     from nvae_tf import data as data_lib
-    from nvae_tf.train import TrainOptions, Trainer
+    from nvae_tf.options import TrainOptions
+    from nvae_tf.trainer import Trainer
     logging.set_verbosity(logging.ERROR)
 
     fv = flags.FlagValues()

@@ -63,8 +63,10 @@ def _flag_lines(f):
         head = f"--{f.name}=" + ("|".join(meta["choices"]) if meta["choices"] and len(meta["choices"]) <= 3
                                   else str(shown) if shown != "" else "...")
     body = meta["help"] + (" Required." if meta["required"] else "")
-    prefix = f"  {head:<30} " if len(head) <= 30 else f"  {head}\n" + " " * 33
-    return textwrap.wrap(body, WIDTH, initial_indent=prefix, subsequent_indent=" " * 33)
+    indent = " " * 33
+    if len(head) > 30:
+        return [f"  {head}", *textwrap.wrap(body, WIDTH, initial_indent=indent, subsequent_indent=indent)]
+    return textwrap.wrap(body, WIDTH, initial_indent=f"  {head:<30} ", subsequent_indent=indent)
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
@@ -116,6 +118,9 @@ def main(command, doc, option_classes, run, usage=None, extra_flags=None):
     def parse(argv):
         if any(a in HELP_FLAGS for a in argv[1:]):
             print(help_text(command, doc, option_classes, usage))
+            sys.exit(0)
+        if "--helpfull" in argv[1:]:
+            print(f"usage: python -m {command} {usage or '[flags]'}\n\n{fv.get_help()}")
             sys.exit(0)
         try:
             rest = fv(argv)

@@ -682,17 +682,10 @@ def _inspect(config, source, split, out, deterministic):
         print(f"wrote       {out}")
 
 
-@dataclasses.dataclass(frozen=True)
-class InspectOptions(options.DataOptions):
-    inspect: bool = options.option(False, "Print split sizes and one batch's shape, dtype and value range.")
-    out: str = options.option("", "With --inspect: write the batch as a PNG grid here.")
-    split: str = options.option("train", "With --inspect: the split to look at.", group="data")
-
-
 def run_from_flags(fv):
     from nvae_tf import config as config_lib
     config = config_lib.from_flags(fv)
-    opts = options.from_flags(InspectOptions, fv)
+    opts = options.from_flags(options.InspectOptions, fv)
     source = open_source(config, opts.data_dir, strict=opts.strict_data, download=opts.download)
     try:
         if not opts.inspect:
@@ -707,7 +700,7 @@ def run_from_flags(fv):
 def main():
     from nvae_tf import cli
     from nvae_tf import config as config_lib
-    cli.main("nvae_tf.data", __doc__, [config_lib.NVAEConfig, InspectOptions], run_from_flags,
+    cli.main("nvae_tf.data", __doc__, [config_lib.NVAEConfig, options.InspectOptions], run_from_flags,
              usage="--flagfile=configs/X.flags [--inspect --out=batch.png]")
 
 

@@ -1,7 +1,7 @@
 """The faults a user can cause or meet, each with a message that says what is wrong and what to do.
 
 Every command prints such an error as one `error: ...` line and exits with status 2 (3 for a training run
-that cannot go on); nothing else reaches the user as a traceback.
+that cannot go on, `TrainingError`); nothing else reaches the user as a traceback.
 """
 
 
@@ -15,3 +15,11 @@ class ConfigError(RunError):
     def __init__(self, flag, message):
         super().__init__(f"--{flag}: {message}")
         self.flag = flag
+
+
+class TrainingError(RunError):
+    """Training cannot go on; the message says why and what was kept."""
+
+
+class CheckpointWriteError(TrainingError):
+    """A checkpoint could not be written (disk full, no permission); the previous checkpoints are intact."""

@@ -27,25 +27,11 @@ Noise comes from `serving.HashNoise`: a server and a phone give the same images 
 import os
 import shutil
 import time
-from dataclasses import dataclass
 
 from absl import logging
 
 from nvae_tf import cli, options, runs
-from nvae_tf.options import option
-
-
-@dataclass(frozen=True)
-class ExportOptions(options.RunOptions, options.SamplingOptions):
-    export_dir: str = option(None, "Where to write the SavedModel versions and the TFLite sampler.", required=True)
-    version: int = option(0, "SavedModel version directory (default: one above the highest present).", minimum=0)
-    overwrite: bool = option(False, "Replace an existing version directory.")
-    temperature: float = option(0.7, "Temperature of the samples that --readjust_bn re-estimates the BatchNorm "
-                                "statistics from; each request chooses its own sampling temperature.")
-    max_samples: int = option(64, "Largest num_samples (and image batch) a request may ask for.", minimum=1)
-    tflite: bool = option(True, "Write the TFLite sampler.")
-    tflite_batch: int = option(1, "Images per call of the TFLite sampler (fixed).", minimum=1)
-    tflite_quantize: str = option("none", "Also write a float16-quantised sampler.", choices=("none", "float16"))
+from nvae_tf.options import ExportOptions
 
 
 def next_version(export_dir):

@@ -109,3 +109,76 @@ class SamplingOptions:
                                "first (NVAE's procedure for better samples).")
     bn_passes: int = option(500, "Sampling passes for --readjust_bn.", minimum=1)
     bn_batch: int = option(16, "Images per pass for --readjust_bn.", minimum=2)
+
+
+# ------------------------------------------------------------------------------------- command options
+@dataclass(frozen=True)
+class TrainOptions(DataOptions, ReplicaOptions):
+    """How a run trains (the model and its hyperparameters are the `NVAEConfig`)."""
+    model_dir: str = option(None, "Run directory: config, checkpoints and TensorBoard logs. A directory that holds "
+                            "a run is resumed.", required=True)
+    precision: str = option("float32", "Compute precision.", group="training", choices=PRECISIONS)
+    jit_compile: bool = option(False, "Compile the training step with XLA (slower on CPU).", group="training")
+    remat: bool = option(False, "Gradient checkpointing per cell: keep only each cell's input and recompute its "
+                         "activations during back-propagation (less memory; 12 % more time per step on digits at "
+                         "batch 256, see the README's benchmarks). Does not change the result.", group="training")
+    max_steps: int = option(0, "Stop after this many steps in total (0: train all epochs).", minimum=0)
+    checkpoint_every: int = option(1000, "Steps between checkpoints.", minimum=1)
+    keep_checkpoints: int = option(3, "Checkpoints to keep.", minimum=1)
+    log_every: int = option(50, "Steps between log lines and scalar summaries.", minimum=1)
+    max_skipped_steps: int = option(20, "Stop after this many consecutive steps with a non-finite loss or "
+                                    "gradient.", minimum=1)
+    eval_batches: int = option(20, "Validation batches for the bits/dim of each epoch (0: all).", minimum=0)
+    num_summary_images: int = option(8, "Images in each TensorBoard image summary.", minimum=0)
+
+
+@dataclass(frozen=True)
+class EvaluateOptions(RunOptions, DataOptions, ReplicaOptions):
+    split: str = option("validation", "Split to evaluate: validation or test (if the dataset has one).",
+                        group="data")
+    num_iw_samples: int = option(1000, "Importance samples K per image.", minimum=1)
+    batch_size: int = option(0, "Images per batch and replica (default: the run's batch_size).", minimum=0)
+    forward_batch: int = option(0, "Images per forward pass and replica, i.e. batch_size x samples per pass "
+                                "(default: 4 x batch_size; lower it if memory runs out).", minimum=0)
+    max_images: int = option(0, "Evaluate only the first N images of the split (0: all).", minimum=0, group="data")
+    seed: int = option(0, "Seed of the importance samples.")
+    precision: str = option("float32", "Compute precision of the model (the log-sum-exp is float64 regardless).",
+                            choices=PRECISIONS)
+
+
+@dataclass(frozen=True)
+class SampleOptions(RunOptions, SamplingOptions, DataOptions):
+    mode: str = option("sample", "What to draw: samples, one row per temperature, or reconstructions.",
+                       choices=("sample", "temperatures", "reconstruct"))
+    temperature: float = option(0.7, "Prior temperature t in (0, 2]: z ~ N(mu, (t sigma)^2).")
+    temperatures: str = option("0.5,0.6,0.7,0.8,0.9,1.0", "Comma-separated temperatures (mode temperatures).")
+    num_samples: int = option(64, "Images to draw (per row in mode temperatures).", minimum=1)
+    seed: int = option(0, "Seed of all noise; the same seed gives the same image.")
+    split: str = option("validation", "Split for mode reconstruct.", group="data")
+    columns: int = option(0, "Images per grid row (default: square; 2 x pairs for reconstruct).", minimum=0)
+    out: str = option("samples.png", "Output PNG.")
+
+
+@dataclass(frozen=True)
+class ExportOptions(RunOptions, SamplingOptions):
+    export_dir: str = option(None, "Where to write the SavedModel versions and the TFLite sampler.", required=True)
+    version: int = option(0, "SavedModel version directory (default: one above the highest present).", minimum=0)
+    overwrite: bool = option(False, "Replace an existing version directory.")
+    temperature: float = option(0.7, "Temperature of the samples that --readjust_bn re-estimates the BatchNorm "
+                                "statistics from; each request chooses its own sampling temperature.")
+    max_samples: int = option(64, "Largest num_samples (and image batch) a request may ask for.", minimum=1)
+    tflite: bool = option(True, "Write the TFLite sampler.")
+    tflite_batch: int = option(1, "Images per call of the TFLite sampler (fixed).", minimum=1)
+    tflite_quantize: str = option("none", "Also write a float16-quantised sampler.", choices=("none", "float16"))
+
+
+@dataclass(frozen=True)
+class InspectOptions(DataOptions):
+    inspect: bool = option(False, "Print split sizes and one batch's shape, dtype and value range.")
+    out: str = option("", "With --inspect: write the batch as a PNG grid here.")
+    split: str = option("train", "With --inspect: the split to look at.", group="data")
+
+
+@dataclass(frozen=True)
+class SummaryOptions:
+    json: bool = option(False, "End the output with one line of JSON.")

@@ -16,26 +16,10 @@ otherwise.
 
 import math
 import os
-from dataclasses import dataclass
 
 from nvae_tf import cli, imaging, options, runs
 from nvae_tf.errors import RunError
-from nvae_tf.options import option
-
-DEFAULT_TEMPERATURES = "0.5,0.6,0.7,0.8,0.9,1.0"
-
-
-@dataclass(frozen=True)
-class SampleOptions(options.RunOptions, options.SamplingOptions, options.DataOptions):
-    mode: str = option("sample", "What to draw: samples, one row per temperature, or reconstructions.",
-                       choices=("sample", "temperatures", "reconstruct"))
-    temperature: float = option(0.7, "Prior temperature t in (0, 2]: z ~ N(mu, (t sigma)^2).")
-    temperatures: str = option(DEFAULT_TEMPERATURES, "Comma-separated temperatures (mode temperatures).")
-    num_samples: int = option(64, "Images to draw (per row in mode temperatures).", minimum=1)
-    seed: int = option(0, "Seed of all noise; the same seed gives the same image.")
-    split: str = option("validation", "Split for mode reconstruct.", group="data")
-    columns: int = option(0, "Images per grid row (default: square; 2 x pairs for reconstruct).", minimum=0)
-    out: str = option("samples.png", "Output PNG.")
+from nvae_tf.options import SampleOptions
 
 
 def interleave(inputs, reconstructions):

@@ -7,15 +7,9 @@ one JSON object.
 
 import json
 
-from dataclasses import dataclass
-
-from nvae_tf import cli, options
+from nvae_tf import cli
 from nvae_tf import config as config_lib
-
-
-@dataclass(frozen=True)
-class SummaryOptions:
-    json: bool = options.option(False, "End the output with one line of JSON.")
+from nvae_tf.options import SummaryOptions
 
 
 def model_structure(config):

@@ -43,7 +43,8 @@ def trained_run(tmp_path_factory):
 
     from nvae_tf import data as data_lib
     from nvae_tf import runs
-    from nvae_tf.train import TrainOptions, Trainer
+    from nvae_tf.options import TrainOptions
+    from nvae_tf.trainer import Trainer
     config = load_flagfile("digits", **TINY_RUN)
     model_dir = str(tmp_path_factory.mktemp("trained_run") / "run")
     runs.write_config(model_dir, config)

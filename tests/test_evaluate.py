@@ -35,7 +35,7 @@ def fixed_weights_estimate(weights, chunk, pad_value=1e3, graph=False):
     Returns (estimate `[batch]`, number of calls)."""
     import tensorflow as tf
 
-    from nvae_tf.evaluate import importance_weighted_log_likelihood
+    from nvae_tf.likelihood import importance_weighted_log_likelihood
     weights = np.asarray(weights)
     k, batch = weights.shape
     passes = -(-k // chunk)
@@ -122,7 +122,7 @@ def test_large_magnitude_weights_neither_overflow_nor_underflow():
 def test_float32_weights_are_accumulated_in_float64():
     import tensorflow as tf
 
-    from nvae_tf.evaluate import importance_weighted_log_likelihood
+    from nvae_tf.likelihood import importance_weighted_log_likelihood
     rng = np.random.default_rng(2)
     weights = (-1e5 + rng.normal(size=(64, 4))).astype(np.float32)
     chunks = iter(np.split(weights, 8))
@@ -133,7 +133,7 @@ def test_float32_weights_are_accumulated_in_float64():
 
 @pytest.mark.parametrize("num_samples, chunk", [(0, 1), (5, 0), (-1, 2)])
 def test_estimator_rejects_non_positive_sizes(num_samples, chunk):
-    from nvae_tf.evaluate import importance_weighted_log_likelihood
+    from nvae_tf.likelihood import importance_weighted_log_likelihood
     with pytest.raises(ValueError, match="must be >= 1"):
         importance_weighted_log_likelihood(lambda: None, num_samples, chunk, 3)
 
@@ -160,7 +160,7 @@ def toy():
     def estimate(num_samples, chunk, seed):
         import tensorflow as tf
 
-        from nvae_tf.evaluate import importance_weighted_log_likelihood
+        from nvae_tf.likelihood import importance_weighted_log_likelihood
         from nvae_tf.model.distributions import Normal
         noise = fresh_noise(seed)
         xs = tf.constant(x, tf.float32)
@@ -228,7 +228,7 @@ def test_bits_per_dim_divides_by_ln2_and_the_likelihood_dimensions():
 def test_progress_line_reports_nats_and_bits_per_dim():
     import io
 
-    from nvae_tf.evaluate import Progress
+    from nvae_tf.likelihood import Progress
     stream = io.StringIO()
     Progress(784, stream=stream)(100, 100, 80.0, 2.0)
     line = stream.getvalue()
@@ -251,7 +251,7 @@ def restored(trained_run):
 def make_evaluator(model, num_iw_samples, batch_size, forward_batch=0, seed=0):
     import tensorflow as tf
 
-    from nvae_tf.evaluate import Evaluator
+    from nvae_tf.likelihood import Evaluator
     return Evaluator(model, tf.distribute.get_strategy(), num_iw_samples, batch_size, forward_batch, seed)
 
 
@@ -260,7 +260,7 @@ def test_k1_is_the_negative_elbo_of_the_same_posterior_sample(restored):
     model drawing from a generator with the same seed (log q includes the flow)."""
     import tensorflow as tf
 
-    from nvae_tf.evaluate import importance_weighted_log_likelihood, log_weights
+    from nvae_tf.likelihood import importance_weighted_log_likelihood, log_weights
     model, x = restored.model, restored.images[0]
     assert model.config.num_nf == 1 and all(g.flows for g in model.latent_groups)
     out = model(x, training=False, noise=fresh_noise(11))

@@ -65,7 +65,8 @@ import tensorflow as tf
 from nvae_tf import data as data_lib, objective
 from nvae_tf.config import from_flagfile
 from nvae_tf.distribute import make_strategy
-from nvae_tf.train import TrainOptions, Trainer
+from nvae_tf.options import TrainOptions
+from nvae_tf.trainer import Trainer
 
 small, base, replicas, remats = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 
@@ -172,14 +173,15 @@ def small_trainer(tmp_path):
     import tensorflow as tf
 
     from nvae_tf import data as data_lib
-    from nvae_tf.train import TrainOptions, Trainer
+    from nvae_tf.options import TrainOptions
+    from nvae_tf.trainer import Trainer
     config = load_flagfile("digits", **SMALL, batch_size=8, epochs=2)
     return Trainer(config, tf.distribute.get_strategy(), data_lib.open_source(config),
                    TrainOptions(model_dir=str(tmp_path / "run")))
 
 
 def test_no_checkpoint_is_written_while_a_variable_is_not_finite(small_trainer):
-    from nvae_tf.train import TrainingError
+    from nvae_tf.errors import TrainingError
     t = small_trainer
     variance = t.model.batchnorm_layers[3].moving_variance
     value = variance.numpy()
@@ -555,7 +557,7 @@ def test_evaluation_reports_progress_within_a_batch_and_gives_the_same_result(tr
 
     from nvae_tf import data as data_lib
     from nvae_tf import runs
-    from nvae_tf.evaluate import Evaluator
+    from nvae_tf.likelihood import Evaluator
     config, model, _ = runs.load_model(trained_run.model_dir)
     images = next(iter(data_lib.open_source(config).dataset("validation", 2, training=False)))
     results = {}

@@ -189,7 +189,8 @@ def make_trainer(model_dir, config, **kwargs):
     import tensorflow as tf
 
     from nvae_tf import data as data_lib
-    from nvae_tf.train import TrainOptions, Trainer
+    from nvae_tf.options import TrainOptions
+    from nvae_tf.trainer import Trainer
     source = data_lib.open_source(config)
     return Trainer(config, tf.distribute.get_strategy(), source, TrainOptions(model_dir=str(model_dir), **kwargs))
 
@@ -327,7 +328,7 @@ def poisoned(variable):
 def nan_steps(trained):
     """On the trained run: one step with a NaN weight in the stem (so the forward pass, the loss and the
     gradients are all NaN), then a good step and, with the NaN back, steps until max_skipped_steps=3 stops."""
-    from nvae_tf.train import TrainingError
+    from nvae_tf.errors import TrainingError
     t = trained.trainer
     step0 = int(t.step.numpy())
     skipped0 = int(t.skipped.numpy())
@@ -369,7 +370,7 @@ def test_a_non_finite_gradient_is_skipped_counted_and_leaves_the_weights_unchang
 
 
 def test_consecutive_non_finite_steps_stop_training_with_advice_and_keep_the_last_checkpoint(nan_steps):
-    from nvae_tf.train import TrainingError
+    from nvae_tf.errors import TrainingError
     n = nan_steps
     assert isinstance(n.error, TrainingError), "3 consecutive NaN steps with max_skipped_steps=3 did not raise"
     message = str(n.error)

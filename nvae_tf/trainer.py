@@ -1,0 +1,403 @@
+"""The training loop of NVAE under a distribution strategy (`python -m nvae_tf.train` runs it).
+
+`batch_size` is per replica; BatchNorm statistics are synchronised over the global batch. Checkpoints (model,
+optimizer, step, power-iteration state, loss scale) go to `model_dir/checkpoints`; TensorBoard summaries to
+`model_dir`.
+
+A step whose loss, gradient or new BatchNorm statistics are not finite is skipped: it changes no model variable
+(weights, BatchNorm statistics, power-iteration vectors, noise generator), no optimiser slot and no schedule;
+only the step counter (the data position), the skip counters and, under mixed_float16, the loss scale move.
+No checkpoint is written while any model or optimiser variable is non-finite.
+"""
+
+import math
+import os
+import re
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from nvae_tf import data as data_lib
+from nvae_tf import distribute, objective, runs, sampling
+from nvae_tf.errors import CheckpointWriteError, TrainingError
+from nvae_tf.model import NVAE
+from nvae_tf.optim import NVAEAdamax, NVAELearningRate
+
+LOSS_SCALE_INITIAL = 2.0 ** 10
+LOSS_SCALE_GROWTH_STEPS = 2000
+SAMPLE_TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Builds everything of a run inside the strategy's scope and runs the training loop."""
+
+    def __init__(self, config, strategy, source, run_options):
+        self.config, self.strategy, self.source, self.options = config, strategy, source, run_options
+        self.model_dir = run_options.model_dir
+        self.replicas = strategy.num_replicas_in_sync
+        self.global_batch = config.batch_size * self.replicas
+        self.steps_per_epoch = source.sizes["train"] // self.global_batch
+        if self.steps_per_epoch < 1:
+            raise data_lib.DataError(f"the training split has {source.sizes['train']} images, fewer than one "
+                                     f"global batch of {self.global_batch}")
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.chief = distribute.is_chief(strategy)
+        self.fp16 = run_options.precision == "mixed_float16"
+        keras.mixed_precision.set_global_policy(run_options.precision)
+        self.alpha = objective.kl_balance_alpha(config)
+
+        with strategy.scope():
+            keras.utils.set_random_seed(config.seed)
+            self.model = NVAE(config, remat=run_options.remat)
+            logging.info("building NVAE (%s, %dx%dx%d)", config.dataset, *config.image_shape)
+            self.model.build()
+            distribute.prepare_model(self.model)
+            logging.info("built NVAE: %.2fM parameters", sum(int(math.prod(v.shape))
+                                                           for v in self.model.trainable_variables) / 1e6)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
+                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps",
+                                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.consecutive_skipped = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                                   aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.loss_scale = tf.Variable(LOSS_SCALE_INITIAL if self.fp16 else 1.0, trainable=False,
+                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.finite_streak = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.schedule = NVAELearningRate(config.learning_rate, config.learning_rate_min, self.steps_per_epoch,
+                                             config.epochs, config.warmup_epochs)
+            # The schedules (learning rate, KL warm-up) follow the applied updates, so a skipped step leaves
+            # them where they were.
+            self.optimizer = NVAEAdamax(learning_rate=lambda: self.schedule(self.optimizer.iterations),
+                                        l2=config.weight_decay)
+            self.optimizer.build(self.model.trainable_variables)
+            # Validation draws its posterior samples from a generator of its own, re-seeded by the step, so it
+            # leaves the training noise alone and gives the same figure wherever a run was resumed.
+            self.eval_seed_generator = keras.random.SeedGenerator(config.seed, name="validation_noise")
+        # What a forward pass changes besides the weights: BN running statistics, the power-iteration state and
+        # the noise generator. A skipped step puts it back.
+        self.forward_state = [v for v in self.model.variables if not v.trainable]
+
+        # Every model variable by its path: BN statistics, power-iteration vectors and the noise generator's
+        # state live in lists that a checkpoint of the model object alone would not reach.
+        self.checkpoint = tf.train.Checkpoint(model=self.model,
+                                              model_variables=runs.model_variables(self.model),
+                                              optimizer=self.optimizer, step=self.step,
+                                              skipped=self.skipped, loss_scale=self.loss_scale,
+                                              finite_streak=self.finite_streak)
+        directory = runs.checkpoint_dir(self.model_dir)
+        if self.chief:
+            runs.repair_checkpoints(directory)
+        else:
+            directory = os.path.join(self.model_dir, "worker_tmp", str(strategy.cluster_resolver.task_id))
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory,
+                                                  max_to_keep=run_options.keep_checkpoints)
+        self.writer = (tf.summary.create_file_writer(self.model_dir) if self.chief
+                       else tf.summary.create_noop_writer())
+        self.train_step = tf.function(self._distributed_step, jit_compile=run_options.jit_compile)
+        self._eval_step = tf.function(self._distributed_eval)
+        self._probe = None
+        self._resumed = False
+
+    # -------------------------------------------------------------------------------------------- steps
+    def _replica_step(self, images):
+        variables = self.model.trainable_variables
+        noise = distribute.replica_noise(self.model.seed_generator)
+        with tf.GradientTape() as tape:
+            out = self.model(images, training=True, noise=noise)
+            loss, metrics = objective.nvae_loss(self.model, out, self.optimizer.iterations, self.total_steps,
+                                                self.alpha)
+            scaled = loss * self.loss_scale / self.replicas
+        grads = tape.gradient(scaled, variables)
+        grads = [tf.zeros_like(v) if g is None else tf.cast(g, tf.float32) for g, v in zip(grads, variables)]
+        # One batched all-reduce: every replica then holds the same sum and takes the same decision below.
+        grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        return grads, metrics
+
+    def _distributed_step(self, images):
+        """One training step on a distributed batch; returns the metrics (global means).
+
+        The step is applied only if the loss, the gradient norm and every new BatchNorm statistic and
+        power-iteration vector are finite (one decision for all replicas). Otherwise the forward pass's changes
+        to `forward_state` are undone, so the model, the optimiser and the schedules are exactly as before."""
+        strategy = self.strategy
+        before = [tf.identity(v) for v in self.forward_state]
+        learning_rate = self.schedule(self.optimizer.iterations)
+        grads, metrics = strategy.run(self._replica_step, args=(images,))
+        grads = [strategy.experimental_local_results(g)[0] / self.loss_scale for g in grads]
+        metrics = {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in metrics.items()}
+        grad_norm = tf.linalg.global_norm(grads)
+        state_finite = [tf.reduce_all(tf.math.is_finite(v)) for v in self.forward_state
+                        if tf.as_dtype(v.dtype).is_floating]
+        finite = tf.logical_and(tf.math.is_finite(grad_norm), tf.math.is_finite(metrics["loss"]))
+        finite = tf.logical_and(finite, tf.reduce_all(tf.stack(state_finite)))
+
+        def apply():
+            self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+            self.consecutive_skipped.assign(0)
+            if self.fp16:
+                grow = self.finite_streak + 1 >= LOSS_SCALE_GROWTH_STEPS
+                self.loss_scale.assign(tf.where(grow, self.loss_scale * 2.0, self.loss_scale))
+                self.finite_streak.assign(tf.where(grow, tf.constant(0, tf.int64), self.finite_streak + 1))
+            return tf.constant(True)
+
+        def skip():
+            for variable, value in zip(self.forward_state, before):
+                variable.assign(value)
+            self.skipped.assign_add(1)
+            self.consecutive_skipped.assign_add(1)
+            if self.fp16:
+                self.loss_scale.assign(self.loss_scale * 0.5)
+                self.finite_streak.assign(0)
+            return tf.constant(False)
+
+        metrics["applied"] = tf.cond(finite, apply, skip)
+        metrics["grad_norm"] = grad_norm
+        metrics["learning_rate"] = learning_rate
+        self.step.assign_add(1)
+        return metrics
+
+    def _distributed_eval(self, images):
+        """Summed negative ELBO (eval mode) and image count of a distributed batch."""
+
+
+        def replica(x):
+            out = self.model(x, training=False, noise=distribute.replica_noise(self.eval_seed_generator))
+            return tf.reduce_sum(out.negative_elbo()), tf.cast(tf.shape(x)[0], tf.float32)
+        return distribute.total(self.strategy, *self.strategy.run(replica, args=(images,)))
+
+    # ---------------------------------------------------------------------------------------------- data
+    def _train_data(self, epoch, offset=0):
+        seed = self.config.seed + epoch
+
+        def make(ctx):
+            ds = self.source.dataset("train", self.config.batch_size, training=True, input_context=ctx,
+                                     deterministic=self.options.deterministic, seed=seed)
+            return ds.skip(offset) if offset else ds
+        return self.strategy.distribute_datasets_from_function(make)
+
+    # ---------------------------------------------------------------------------------------------- loop
+    def distribute(self, dataset):
+        """A dataset of global batches as `train_step` takes them."""
+        return self.strategy.experimental_distribute_dataset(dataset)
+
+    def restore(self):
+        """Resume from the newest checkpoint that restores and holds finite values; returns its path or None.
+
+        A checkpoint that fails to restore or holds a non-finite value is moved to `checkpoints/damaged/` (with
+        a warning naming it) and the next older one is tried."""
+        # Every worker resumes from the chief's checkpoints; only the chief moves damaged ones aside.
+        directory = runs.checkpoint_dir(self.model_dir)
+        damaged = []
+        for path in runs.list_checkpoints(directory):
+            problem = runs.checkpoint_problem(path)
+            if not problem:
+                try:
+                    self.checkpoint.restore(path).assert_existing_objects_matched()
+                except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
+                    problem = f"it fails to restore ({runs.first_line(e)})"
+            if not problem:
+                bad = runs.first_non_finite([*self.model.variables, *self.optimizer.variables])
+                if bad:
+                    problem = f"it holds a non-finite value (in {bad})"
+            if problem:
+                if self.chief:
+                    runs.quarantine(path, problem)
+                damaged.append(f"{os.path.basename(path)} ({problem})")
+                continue
+            logging.info("resumed from %s at step %d", path, int(self.step.numpy()))
+            if self.chief:
+                self.manager = tf.train.CheckpointManager(self.checkpoint, directory,
+                                                          max_to_keep=self.options.keep_checkpoints)
+            return path
+        quarantined = os.path.join(directory, runs.DAMAGED_DIR)
+        if damaged or runs.list_checkpoints(quarantined):
+            listing = "; ".join(damaged) or ", ".join(os.path.basename(p) for p in runs.list_checkpoints(quarantined))
+            raise TrainingError(f"no intact checkpoint in {directory} to resume from: {listing}. The damaged files "
+                                f"are kept in {quarantined}; move that folder away to train from scratch.")
+        return None
+
+    def _validation_nelbo(self, images, step):
+        """Summed negative ELBO and image count of a distributed validation batch, with the noise of `step`."""
+        self.eval_seed_generator.state.assign([self.config.seed + 1 + step, 0])
+        return self._eval_step(images)
+
+    def model_is_sound(self, step):
+        """Whether the model gives a finite negative ELBO in evaluation mode on the first validation batch: a
+        checkpoint is written only then, so that evaluating, sampling or resuming from it works."""
+        if self._probe is None:
+            ds = self.source.dataset("validation", self.config.batch_size, training=False, deterministic=True,
+                                     seed=self.config.seed, cache=False).take(1)
+            self._probe = next(iter(self.distribute(ds)))
+        total, _ = self._validation_nelbo(self._probe, step)
+        return bool(np.isfinite(float(total)))
+
+    def save(self):
+        """Write a checkpoint of the current step, if every model and optimiser value is finite; returns its path.
+
+        `TrainingError` if a value is not finite (nothing is written), `CheckpointWriteError` if the write fails;
+        either way the checkpoints already written stay as they were."""
+        step = int(self.step.numpy())
+        directory = self.manager.directory
+        bad = runs.first_non_finite([*self.model.variables, *self.optimizer.variables])
+        if bad:
+            raise TrainingError(f"the model holds a non-finite value (in {bad}) at step {step}, so no checkpoint is "
+                                f"written; the newest checkpoint is {self.manager.latest_checkpoint or 'none'}")
+        if not self.model_is_sound(step):
+            logging.warning("step %d: no checkpoint written: the model's validation negative ELBO is not finite; "
+                            "the newest checkpoint is %s", step, self.manager.latest_checkpoint or "none")
+            return None
+        try:
+            path = self.manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError) as e:
+            prefix = os.path.join(directory, f"ckpt-{step}")
+            for leftover in [prefix + "_temp", *tf.io.gfile.glob(prefix + ".*")]:
+                try:
+                    tf.io.gfile.rmtree(leftover) if tf.io.gfile.isdir(leftover) else tf.io.gfile.remove(leftover)
+                except (tf.errors.OpError, OSError):
+                    pass
+            raise CheckpointWriteError(
+                f"cannot write checkpoint ckpt-{step} to {directory}: {_os_reason(e)}; "
+                f"the newest intact checkpoint is {self.manager.latest_checkpoint or 'none'}") from None
+        if not self.chief:
+            tf.io.gfile.rmtree(os.path.dirname(path))
+        return path
+
+    def train(self, max_steps=0, stop_requested=lambda: False):
+        """Train until the last epoch, `max_steps` in total, or a stop request; returns the final step.
+
+        `stop_requested()` is asked after every step and every validation batch: a stop writes a checkpoint at
+        once. The first call resumes from the newest checkpoint; later calls go on from the state in memory."""
+        if not self._resumed:
+            self.restore()
+            self._resumed = True
+        last = self.total_steps if not max_steps else min(max_steps, self.total_steps)
+        step = int(self.step.numpy())
+        if step >= last:
+            logging.info("nothing to do: the run is at step %d of %d", step, last)
+            return step
+        logging.info("training %s: %d images, global batch %d (%d replicas), %d steps per epoch, steps %d..%d",
+                     self.config.dataset, self.source.sizes["train"], self.global_batch, self.replicas,
+                     self.steps_per_epoch, step, last)
+        start_time, start_step = time.time(), step
+        window_time, window_step = start_time, step
+        saved_step = step
+        while step < last and not stop_requested():
+            epoch, offset = divmod(step, self.steps_per_epoch)
+            batches = 0
+            for images in self._train_data(epoch, offset):
+                metrics = self.train_step(images)
+                step += 1
+                batches += 1
+                if int(self.consecutive_skipped.numpy()) >= self.options.max_skipped_steps:
+                    raise TrainingError(
+                        f"{self.options.max_skipped_steps} consecutive steps had a non-finite loss or gradient "
+                        f"(step {step}). "
+                        f"The last good checkpoint is kept: {self.manager.latest_checkpoint or 'none was written'}. "
+                        f"Known remedies: a lower "
+                        f"--learning_rate (e.g. 5e-3 or 1e-3 for small batches), a larger --weight_decay_norm, or "
+                        f"--weight_decay_norm_anneal with --weight_decay_norm_init=1.0; check the data for "
+                        f"corrupt images.")
+                if step % self.options.log_every == 0 or step == last:
+                    now = time.time()
+                    rate = (step - window_step) * self.global_batch / max(now - window_time, 1e-9)
+                    window_time, window_step = now, step
+                    self._log(step, last, epoch, metrics, rate, start_time, start_step)
+                if step - saved_step >= self.options.checkpoint_every and int(self.consecutive_skipped.numpy()) == 0:
+                    self.save()
+                    saved_step = step
+                if step >= last or stop_requested():
+                    break
+            if stop_requested():
+                break
+            if step < last and step % self.steps_per_epoch:
+                # The epoch's data ran out early (images that became unreadable were skipped): the data
+                # position moves on to the next epoch.
+                end = (epoch + 1) * self.steps_per_epoch
+                logging.warning("epoch %d gave %d batches fewer than its %d (images skipped while reading); "
+                                "going on at step %d", epoch + 1, end - step, self.steps_per_epoch, end)
+                step = end
+                self.step.assign(step)
+            if step % self.steps_per_epoch == 0:
+                self._end_of_epoch(step, epoch, stop_requested)
+        if stop_requested():
+            logging.info("stop requested: saving a checkpoint at step %d", step)
+        if step != saved_step or not self.manager.latest_checkpoint:
+            self.save()
+        self.writer.flush()
+        return step
+
+    def _log(self, step, last, epoch, metrics, rate, start_time, start_step):
+        values = {k: v.numpy() for k, v in metrics.items()}
+        elapsed = time.time() - start_time
+        eta = elapsed / max(step - start_step, 1) * (last - step)
+        logging.info("step %d/%d epoch %d  loss %.4g  bpd %.4f  kl %.4g  beta %.3g  lr %.3g  %.1f img/s  "
+                     "skipped %d  ETA %s", step, last, epoch + 1, values["loss"], values["bpd"], values["kl"],
+                     values["beta"], values["learning_rate"], rate, int(self.skipped.numpy()), _hms(eta))
+        with self.writer.as_default(step=step):
+            for name in ("loss", "recon", "kl", "nelbo", "bpd", "beta", "lambda", "learning_rate", "grad_norm",
+                         "spectral_norm", "bn_norm"):
+                tf.summary.scalar(f"train/{name}", values[name])
+            for k, v in enumerate(values["kl_per_group"]):
+                tf.summary.scalar(f"kl_per_group/{k:02d}", v)
+            for k, v in enumerate(values["active_units_per_group"]):
+                tf.summary.scalar(f"active_units_per_group/{k:02d}", v)
+            tf.summary.scalar("train/skipped_steps", int(self.skipped.numpy()))
+            tf.summary.scalar("train/images_per_second", rate)
+            if self.fp16:
+                tf.summary.scalar("train/loss_scale", float(self.loss_scale.numpy()))
+
+    def _end_of_epoch(self, step, epoch, stop_requested=lambda: False):
+        """Validation bits/dim and image summaries; abandoned at once if a stop is requested."""
+        total, count = 0.0, 0.0  # host sums of device scalars, read once after the loop
+        ds = self.source.dataset("validation", self.config.batch_size, training=False,
+                                 deterministic=self.options.deterministic, seed=self.config.seed)
+        if self.options.eval_batches:
+            ds = ds.take(self.options.eval_batches)
+        logging.info("validating after epoch %d (step %d, %s batches)", epoch + 1, step,
+                     self.options.eval_batches or "all")
+        self.eval_seed_generator.state.assign([self.config.seed + 1 + step, 0])
+        for images in self.strategy.experimental_distribute_dataset(ds):
+            t, c = self._eval_step(images)
+            total, count = total + t, count + c
+            if stop_requested():
+                logging.info("validation of epoch %d abandoned: stop requested", epoch + 1)
+                return
+        total, count = float(total), float(count)
+        bpd = objective.bits_per_dim(total / max(count, 1.0), self.config.data_dims)
+        logging.info("epoch %d done at step %d: validation bpd %.4f (negative ELBO, %d images)", epoch + 1, step,
+                     bpd, int(count))
+        if not self.chief or stop_requested():
+            return
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("validation/bpd", bpd)
+            n = self.options.num_summary_images
+            first = next(iter(ds), None)
+            if first is not None:
+                inputs, recon = sampling.reconstruct(self.model, first[:n], pixels="mean")
+                tf.summary.image("reconstructions", np.concatenate([inputs, recon], axis=2), max_outputs=n,
+                                 step=step)
+            for t in SAMPLE_TEMPERATURES:
+                tf.summary.image(f"samples/t{t:.1f}", self.model.sample(n, t, mode="mean").numpy(), max_outputs=n,
+                                 step=step)
+        self.writer.flush()
+
+
+def _os_reason(error):
+    """The operating system's words in a failed write ("No space left on device"), without TensorFlow's
+    function names and temporary file names."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+    return re.sub(r"\s*\[Op:\w+\]$", "", text.rsplit("; ", 1)[-1])[:200]
+
+
+def _hms(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+

@@ -1,0 +1,177 @@
+"""The command lines: flags generated from the option dataclasses, a readable --help, a quiet console, and the
+layering of the package (commands on a runtime on a backend-neutral model)."""
+
+import ast
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from conftest import CONFIGS, child_env
+from nvae_tf import config as config_lib
+from nvae_tf import options
+
+ROOT = os.path.dirname(CONFIGS)
+PACKAGE = os.path.join(ROOT, "nvae_tf")
+COMMANDS = {"train": [config_lib.NVAEConfig, options.TrainOptions],
+            "evaluate": [options.EvaluateOptions],
+            "sample": [options.SampleOptions],
+            "export": [options.ExportOptions],
+            "data": [config_lib.NVAEConfig, options.InspectOptions],
+            "summary": [config_lib.NVAEConfig, options.SummaryOptions]}
+COMMAND_MODULES = set(COMMANDS)
+
+
+def run_module(module, *args, env=None, timeout=180):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env or child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------ options and flags
+@pytest.mark.parametrize("cls", [options.TrainOptions, options.EvaluateOptions, options.SampleOptions,
+                                 options.ExportOptions, options.InspectOptions, config_lib.NVAEConfig])
+def test_every_field_is_a_flag_that_reads_back_into_the_dataclass(cls):
+    fv = flags.FlagValues()
+    options.define_flags(cls, fv)
+    fields = options.fields(cls)
+    assert {f.name for f in fields} <= set(fv)
+    args = []
+    for f in fields:
+        if f.metadata["choices"]:
+            args.append(f"--{f.name}={f.metadata['choices'][-1]}")
+        elif f.type in (bool, "bool"):
+            args.append(f"--{'no' if f.default else ''}{f.name}")
+        elif f.type in (int, "int") and f.name not in ("image_size",):
+            args.append(f"--{f.name}={(f.metadata['minimum'] or 0) + 3}")
+        elif f.metadata["required"]:
+            args.append(f"--{f.name}=/{f.name}")
+    fv(["prog", *args])
+    if cls is config_lib.NVAEConfig:
+        return  # the flag values of a config are checked by its own tests (test_config.py)
+    opts = options.from_flags(cls, fv)
+    for f in fields:
+        if f.metadata["choices"]:
+            assert getattr(opts, f.name) == f.metadata["choices"][-1], f.name
+        elif f.type in (bool, "bool"):
+            assert getattr(opts, f.name) is (not f.default), f.name
+        elif f.type in (int, "int"):
+            assert getattr(opts, f.name) == (f.metadata["minimum"] or 0) + 3, f.name
+        elif f.metadata["required"]:
+            assert getattr(opts, f.name) == f"/{f.name}", f.name
+    assert options.check(opts) is opts
+
+
+def test_check_names_the_flag_below_its_minimum_and_the_missing_required_one():
+    with pytest.raises(config_lib.ConfigError, match=r"--keep_checkpoints: must be >= 1, got 0"):
+        options.check(options.TrainOptions(model_dir="/m", keep_checkpoints=0))
+    with pytest.raises(config_lib.ConfigError, match=r"--bn_batch: must be >= 2, got 1"):
+        options.check(options.SampleOptions(model_dir="/m", bn_batch=1))
+    from nvae_tf.errors import RunError
+    with pytest.raises(RunError, match="--export_dir is required"):
+        options.check(options.ExportOptions(model_dir="/m"))
+    assert options.check(options.EvaluateOptions(model_dir="/m", num_iw_samples=1)).num_iw_samples == 1
+
+
+def test_structural_fields_are_the_model_and_data_fields_of_the_config():
+    structural = set(config_lib.structural_fields())
+    groups = {f.name: f.metadata["group"] for f in dataclasses.fields(config_lib.NVAEConfig)}
+    assert structural == {name for name, group in groups.items() if group in ("data", "model")}
+    # Training hyperparameters can change on resume; the architecture cannot.
+    assert {"batch_size", "epochs", "learning_rate", "seed"}.isdisjoint(structural)
+    assert {"num_channels_enc", "num_latent_scales", "num_nf", "num_x_bits", "dataset"} <= structural
+
+
+# --------------------------------------------------------------------------------------------------- help
+@pytest.fixture(scope="module")
+def helps():
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(COMMANDS, pool.map(lambda c: run_module(f"nvae_tf.{c}", "--help"), COMMANDS)))
+    return results
+
+
+def test_help_lists_every_option_of_the_command_grouped_and_nothing_of_absl(helps):
+    for command, classes in COMMANDS.items():
+        r = helps[command]
+        assert r.returncode == 0, (command, r.stderr[-2000:])
+        text = r.stdout
+        for cls in classes:
+            for f in options.fields(cls):
+                assert f"--{f.name}" in text or f"--[no]{f.name}" in text, (command, f.name)
+        assert "--logtostderr" not in text and "--only_check_args" not in text, command
+        assert "Traceback" not in r.stderr
+    train = helps["train"].stdout
+    assert [line for line in train.splitlines() if line.endswith(":") and not line.startswith(" ")] == \
+        ["data:", "model:", "training:", "run:"]
+    for flag in ("dataset", "data_dir", "model_dir", "epochs", "batch_size", "learning_rate", "precision"):
+        assert f"--{flag}=" in train, flag
+    assert len(train.splitlines()) < 100
+
+
+def test_helpfull_still_lists_absl_flags():
+    r = run_module("nvae_tf.sample", "--helpfull")
+    assert r.returncode == 0
+    assert "logtostderr" in r.stdout and "--temperature:" in r.stdout
+
+
+def test_unknown_flag_and_stray_argument_are_one_error_line():
+    bad = run_module("nvae_tf.sample", "--model_dir=/nowhere", "--temprature=0.5")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: Unknown command line flag 'temprature'")
+    stray = run_module("nvae_tf.evaluate", "--model_dir=/nowhere", "extra")
+    assert stray.returncode == 2 and "error: unexpected arguments: extra" in stray.stderr
+    for r in (bad, stray):
+        assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ console
+def test_console_is_quiet_by_default_and_verbose_brings_tensorflow_back():
+    env = {k: v for k, v in child_env().items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    args = [f"--flagfile={CONFIGS}/tiny.flags"]
+    quiet = run_module("nvae_tf.summary", *args, env=env)
+    verbose = run_module("nvae_tf.summary", *args, "--verbose", env=env)
+    own_level = run_module("nvae_tf.summary", *args, env={**env, "TF_CPP_MIN_LOG_LEVEL": "0"})
+    for r in (quiet, verbose, own_level):
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "parameters" in r.stdout
+    # TensorFlow's start-up banner (its CPU feature notice) is a C++ INFO line.
+    assert "cpu_feature_guard" not in quiet.stderr and "absl::InitializeLog" not in quiet.stderr, quiet.stderr
+    assert quiet.stderr.strip() == "", quiet.stderr
+    assert "cpu_feature_guard" in verbose.stderr
+    assert "cpu_feature_guard" in own_level.stderr
+
+
+# ------------------------------------------------------------------------------------------------ layering
+def imported_modules(path):
+    tree = ast.parse(open(path).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_no_command_imports_another_and_the_library_imports_no_command():
+    for name in os.listdir(PACKAGE):
+        if not name.endswith(".py") or name == "__init__.py":
+            continue
+        module = name[:-3]
+        imported = {m.split(".")[1] for m in imported_modules(os.path.join(PACKAGE, name))
+                    if m.startswith("nvae_tf.") and m.count(".") >= 1}
+        others = (COMMAND_MODULES - {module, "data"}) & imported
+        assert not others, (module, others)
+
+
+def test_the_model_package_imports_no_tensorflow():
+    model_dir = os.path.join(PACKAGE, "model")
+    for name in os.listdir(model_dir):
+        if name.endswith(".py"):
+            imported = imported_modules(os.path.join(model_dir, name))
+            assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in imported), name
+            assert not any(m.startswith("nvae_tf.") and not m.startswith(("nvae_tf.model", "nvae_tf.config"))
+                           for m in imported), (name, imported)
