@@ -22,18 +22,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def untrained_run(config_name, model_dir):
     """A run directory holding the config and a checkpoint of freshly initialised weights."""
-    import tensorflow as tf
-
     from nvae_tf import runs
     from nvae_tf.config import from_flagfile
     from nvae_tf.model import NVAE
     config = from_flagfile(os.path.join(ROOT, "configs", config_name + ".flags"))
     model = NVAE(config)
     model.build()
-    os.makedirs(model_dir, exist_ok=True)
-    config.save(os.path.join(model_dir, "config.json"))
-    checkpoint = tf.train.Checkpoint(model_variables=runs.model_variables(model))
-    tf.train.CheckpointManager(checkpoint, runs.checkpoint_dir(model_dir), max_to_keep=1).save(0)
+    runs.save_model(model_dir, model, step=0)
 
 
 def time_calls(call, repeats):

@@ -85,9 +85,14 @@ class DataOptions:
 
 
 @dataclass(frozen=True)
-class RunOptions:
+class RunDirOptions:
+    model_dir: str = option(None, "Run directory: config.json, checkpoints/ and TensorBoard logs (train writes it, "
+                            "and resumes a run that is there).", required=True)
+
+
+@dataclass(frozen=True)
+class RunOptions(RunDirOptions):
     """A run directory written by `nvae_tf.train` and the checkpoint to read from it."""
-    model_dir: str = option(None, "Run directory written by nvae_tf.train.", required=True)
     checkpoint: str = option(None, "Checkpoint prefix or step number (default: the newest intact one).")
 
 
@@ -113,10 +118,8 @@ class SamplingOptions:
 
 # ------------------------------------------------------------------------------------- command options
 @dataclass(frozen=True)
-class TrainOptions(DataOptions, ReplicaOptions):
+class TrainOptions(RunDirOptions, DataOptions, ReplicaOptions):
     """How a run trains (the model and its hyperparameters are the `NVAEConfig`)."""
-    model_dir: str = option(None, "Run directory: config, checkpoints and TensorBoard logs. A directory that holds "
-                            "a run is resumed.", required=True)
     precision: str = option("float32", "Compute precision.", group="training", choices=PRECISIONS)
     jit_compile: bool = option(False, "Compile the training step with XLA (slower on CPU).", group="training")
     remat: bool = option(False, "Gradient checkpointing per cell: keep only each cell's input and recompute its "

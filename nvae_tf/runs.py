@@ -84,6 +84,16 @@ def write_config(model_dir, config, write=True):
         os.replace(path + ".tmp", path)
 
 
+def save_model(model_dir, model, step=0):
+    """Write a run directory holding `model` at `step` as `evaluate`, `sample` and `export` read it: the config
+    and a checkpoint of every model variable (no optimiser state). Returns the checkpoint prefix."""
+    import tensorflow as tf
+    write_config(model_dir, model.config)
+    checkpoint = tf.train.Checkpoint(model_variables=model_variables(model))
+    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir(model_dir), max_to_keep=None)
+    return manager.save(checkpoint_number=step)
+
+
 def write_json(path, value):
     """Write `value` as JSON to `path` through a temporary file, so a reader never sees half of it."""
     with open(path + ".tmp", "w") as f:
@@ -231,11 +241,28 @@ def _warn_once(path, problem):
 def restore(model, path):
     """Restore every variable of a built `model` from the training checkpoint at `path`."""
     import tensorflow as tf
-    try:
-        status = tf.train.Checkpoint(model_variables=model_variables(model)).read(path)
-        status.expect_partial().assert_existing_objects_matched()
-    except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways (OpError, IndexError, ...)
-        raise RunError(f"cannot restore the model from {path}: {first_line(e)}") from e
+    status = tf.train.Checkpoint(model_variables=model_variables(model)).read(path)
+    status.expect_partial().assert_existing_objects_matched()
+
+
+NON_FINITE = "it holds a non-finite value"
+
+
+def restore_each(paths, restore_one, variables):
+    """Try the checkpoints `paths` in order: yields (path, problem) after `restore_one(path)`; `problem` is None
+    when the checkpoint looks intact, restores, and leaves every one of `variables` finite, else a phrase that
+    says what is wrong ("it fails to restore (...)", "it holds a non-finite value (in <variable>)")."""
+    for path in paths:
+        problem = checkpoint_problem(path)
+        if not problem:
+            try:
+                restore_one(path)
+            except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways (OpError, IndexError, ...)
+                problem = f"it fails to restore ({first_line(e)})"
+        if not problem:
+            bad = first_non_finite(variables)
+            problem = f"{NON_FINITE} (in {bad})" if bad else None
+        yield path, problem
 
 
 def first_non_finite(variables):
@@ -255,23 +282,19 @@ def restore_model(model, model_dir, checkpoint=None):
     a checkpoint holding a non-finite value is refused with `RunError` naming the variable."""
     candidates = _candidates(model_dir, checkpoint)
     failures = []
-    for path in candidates:
-        try:
-            restore(model, path)
-        except RunError as e:
-            if checkpoint:
-                raise
-            failures.append(str(e))
-            _warn_once(path, str(e))
-            continue
-        bad = first_non_finite(model.variables)
-        if bad:
+    for path, problem in restore_each(candidates, lambda p: restore(model, p), model.variables):
+        if not problem:
+            return path
+        if problem.startswith(NON_FINITE):
             others = [os.path.basename(p) for p in candidates if p != path]
-            raise RunError(f"checkpoint {path} holds a non-finite value (in {bad}); it cannot be used. "
+            raise RunError(f"checkpoint {path} {problem.replace('it ', '', 1)}; it cannot be used. "
                            + (f"Choose an earlier one with --checkpoint=STEP (present: {', '.join(others)})."
                               if others else "No other checkpoint is present."))
-        return path
-    raise RunError("no checkpoint in " + checkpoint_dir(model_dir) + " restores: " + "; ".join(failures))
+        if checkpoint:
+            raise RunError(f"--checkpoint: {path} cannot be used: {problem}")
+        failures.append(f"{os.path.basename(path)} ({problem})")
+        _warn_once(path, problem)
+    raise RunError(f"no checkpoint in {checkpoint_dir(model_dir)} restores: " + "; ".join(failures))
 
 
 def load_model(model_dir, checkpoint=None, remat=False):

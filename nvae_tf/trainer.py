@@ -193,24 +193,17 @@ class Trainer:
         # Every worker resumes from the chief's checkpoints; only the chief moves damaged ones aside.
         directory = runs.checkpoint_dir(self.model_dir)
         damaged = []
-        for path in runs.list_checkpoints(directory):
-            problem = runs.checkpoint_problem(path)
-            if not problem:
-                try:
-                    self.checkpoint.restore(path).assert_existing_objects_matched()
-                except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
-                    problem = f"it fails to restore ({runs.first_line(e)})"
-            if not problem:
-                bad = runs.first_non_finite([*self.model.variables, *self.optimizer.variables])
-                if bad:
-                    problem = f"it holds a non-finite value (in {bad})"
+        candidates = runs.list_checkpoints(directory)
+        restore_one = lambda p: self.checkpoint.restore(p).assert_existing_objects_matched()  # noqa: E731
+        for path, problem in runs.restore_each(candidates, restore_one,
+                                               [*self.model.variables, *self.optimizer.variables]):
             if problem:
                 if self.chief:
                     runs.quarantine(path, problem)
                 damaged.append(f"{os.path.basename(path)} ({problem})")
                 continue
             logging.info("resumed from %s at step %d", path, int(self.step.numpy()))
-            if self.chief:
+            if self.chief and damaged:  # the state file changed: the manager reads it anew
                 self.manager = tf.train.CheckpointManager(self.checkpoint, directory,
                                                           max_to_keep=self.options.keep_checkpoints)
             return path

@@ -124,17 +124,11 @@ def flagfile_config(name, **overrides):
 
 def save_untrained_run(model_dir, config):
     """A run directory as training leaves it, at step 0: config.json and checkpoints/ckpt-0 (+ state file)."""
-    import tensorflow as tf
-
     from nvae_tf import runs
     from nvae_tf.model import NVAE
     model = NVAE(config)
     model.build()
-    os.makedirs(model_dir, exist_ok=True)
-    config.save(os.path.join(model_dir, "config.json"))
-    checkpoint = tf.train.Checkpoint(model_variables=runs.model_variables(model))
-    manager = tf.train.CheckpointManager(checkpoint, runs.checkpoint_dir(model_dir), max_to_keep=1)
-    path = manager.save(checkpoint_number=0)
+    path = runs.save_model(model_dir, model, step=0)
     assert runs.find_checkpoint(model_dir) == path
     return path, int(sum(int(np.prod(v.shape)) for v in model.trainable_variables))
 
