@@ -46,6 +46,7 @@ def run(config, run_options, handle_signals=False):
         if run_options.deterministic:
             tf.config.experimental.enable_op_determinism()
         strategy = distribute.make_strategy(run_options.cpu_replicas)
+        logging.info("%s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
         runs.write_config(run_options.model_dir, config, write=chief)
         source = data_lib.open_source(config, run_options.data_dir, strict=run_options.strict_data,
                                       download=run_options.download)
