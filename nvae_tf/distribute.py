@@ -50,6 +50,18 @@ def is_chief(strategy):
                                      "chief" not in resolver.cluster_spec().as_dict())
 
 
+def describe(strategy):
+    """The strategy as a user knows it, with its replicas: "MultiWorkerMirroredStrategy with 4 replicas"."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        name = "MultiWorkerMirroredStrategy"
+    elif isinstance(strategy, tf.distribute.MirroredStrategy):
+        name = "MirroredStrategy"
+    else:
+        return "one device"
+    replicas = strategy.num_replicas_in_sync
+    return f"{name} with {replicas} replica{'s' if replicas > 1 else ''}"
+
+
 def prepare_model(model):
     """Make a built model ready for replicated execution: BatchNorm statistics over the global batch."""
     for bn in model.batchnorm_layers:

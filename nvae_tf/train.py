@@ -10,8 +10,9 @@ checkpoint after the current step and exits. TensorBoard summaries go to `model_
 A step whose loss, gradient or new BatchNorm statistics are not finite is skipped: it changes no model variable
 (weights, BatchNorm statistics, power-iteration vectors, noise generator), no optimiser slot and no schedule;
 only the step counter (the data position), the skip counters and, under mixed_float16, the loss scale move.
-No checkpoint is written while any model or optimiser variable is non-finite.
+No checkpoint is written while any model or optimiser variable is non-finite (`nvae_tf.trainer`).
 """
+
 import signal
 import sys
 
@@ -23,7 +24,6 @@ from nvae_tf.errors import RunError, TrainingError
 from nvae_tf.options import TrainOptions
 
 
-# -------------------------------------------------------------------------------------------- entry point
 def run(config, run_options, handle_signals=False):
     """Train `config` as `run_options` say; returns (final step, newest checkpoint).
 
@@ -46,7 +46,7 @@ def run(config, run_options, handle_signals=False):
         if run_options.deterministic:
             tf.config.experimental.enable_op_determinism()
         strategy = distribute.make_strategy(run_options.cpu_replicas)
-        logging.info("%s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
+        logging.info("running on %s", distribute.describe(strategy))
         runs.write_config(run_options.model_dir, config, write=chief)
         source = data_lib.open_source(config, run_options.data_dir, strict=run_options.strict_data,
                                       download=run_options.download)
