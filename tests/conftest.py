@@ -15,6 +15,14 @@ def load_flagfile(name, **overrides):
     return from_flagfile(os.path.join(CONFIGS, name + ".flags"), **overrides)
 
 
+def tensorflow_backend():
+    """The `tensorflow` module for a test that needs TensorFlow itself (`tf.GradientTape`, `tf.function`, ...);
+    skips the test under another Keras backend (KERAS_BACKEND=jax) or where TensorFlow is not installed."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip(f"needs the TensorFlow backend (KERAS_BACKEND={keras.backend.backend()})")
+    return pytest.importorskip("tensorflow")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)

@@ -44,7 +44,7 @@ class BatchNorm(keras.layers.BatchNormalization):
 def batch_norm(name=None):
     """BatchNormalization as NVAE uses it: running <- 0.95 running + 0.05 batch. The model works under any Keras
     backend; a runtime that replicates it switches on synchronised statistics over the global batch
-    (`nvae_tf.distribute.synchronize_batchnorm`)."""
+    (`nvae_tf.distribute.prepare_model`)."""
     return BatchNorm(momentum=0.95, epsilon=1e-5, name=name)
 
 

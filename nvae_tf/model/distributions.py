@@ -1,8 +1,9 @@
 """The distributions of NVAE: residual Normal latents, discretized mixture of logistics and Bernoulli pixels.
 
 All densities are evaluated in float32 whatever the compute dtype of the network. Random draws come from a
-noise source (an object with `normal(shape)` and `uniform(shape)`), so the caller decides how noise is made:
-Keras seeded generators for training, a builtin-op generator for the exported samplers.
+noise source (an object with `normal(shape, dtype)` and `uniform(shape, dtype)`), so the caller decides how noise
+is made: Keras seeded generators for training (`KerasNoise`), a builtin-op generator for the exported samplers,
+no noise at all (`ZeroNoise`, latents at their means) for debugging and comparing backends.
 """
 
 import math
@@ -33,6 +34,24 @@ class KerasNoise:
     def uniform(self, shape, dtype="float32"):
         return keras.random.uniform(shape, minval=UNIFORM_EPS, maxval=1.0 - UNIFORM_EPS, dtype=dtype,
                                     seed=self.seed_generator)
+
+
+class ZeroNoise:
+    """Noise source without randomness: every normal draw is 0 and every uniform draw is 0.5.
+
+    With it a latent sample is the mean of its distribution (`z = mu`: the posterior mean in `NVAE.call`, the
+    prior mean in `NVAE.sample`), the logistic noise `log u - log(1 - u)` of the mixture-of-logistics sampler
+    is 0 and its Gumbel perturbation is the same constant for every component (so a draw is the conditioned
+    mean of the most probable component), and a Bernoulli pixel is 1 where its logit is positive. Nothing
+    depends on a seed, a random generator or the backend's random ops, so it is the noise for debugging and for
+    comparing backends or exports number for number: e.g. `model(images, training=False, noise=ZeroNoise())`.
+    """
+
+    def normal(self, shape, dtype="float32"):
+        return ops.zeros(shape, dtype=dtype)
+
+    def uniform(self, shape, dtype="float32"):
+        return ops.full(shape, 0.5, dtype=dtype)
 
 
 class Normal:

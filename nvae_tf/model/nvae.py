@@ -390,16 +390,9 @@ class NVAE(keras.Model):
         total = 0.0
         for layers, u_var, v_var in zip(self._sr_groups, self._sr_u, self._sr_v):
             w = ops.stack([_as_matrix(layer) for layer in layers])
-            w_fixed = ops.stop_gradient(w)
-
-            def power_step(_, uv, w_fixed=w_fixed):
-                u, v = uv
-                v = _normalize(ops.einsum("gi,gij->gj", u, w_fixed))
-                u = _normalize(ops.einsum("gij,gj->gi", w_fixed, v))
-                return u, v
-
-            u, v = ops.fori_loop(0, iterations, power_step,
-                                 (ops.convert_to_tensor(u_var), ops.convert_to_tensor(v_var)))
+            u, v, _ = ops.fori_loop(0, iterations, _power_step,
+                                    (ops.convert_to_tensor(u_var), ops.convert_to_tensor(v_var),
+                                     ops.stop_gradient(w)))
             u_var.assign(u)
             v_var.assign(v)
             total = total + ops.sum(ops.einsum("gi,gij,gj->g", ops.stop_gradient(u), w, ops.stop_gradient(v)))
@@ -413,6 +406,16 @@ class NVAE(keras.Model):
 
 def _normalize(x):
     return x / ops.maximum(ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True)), POWER_ITERATION_EPS)
+
+
+def _power_step(_, state):
+    """One batched power iteration: v <- normalise(u^T W), u <- normalise(W v). A module-level function with W
+    in the loop state (not a closure over it), so that eager JAX traces and compiles the loop once per shape
+    instead of once per call."""
+    u, v, w = state
+    v = _normalize(ops.einsum("gi,gij->gj", u, w))
+    u = _normalize(ops.einsum("gij,gj->gi", w, v))
+    return u, v, w
 
 
 def _matrix_shape(layer):
