@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from nvae_tf.model.distributions import (Bernoulli, DiscretizedMixtureOfLogistics, KerasNoise, Normal)
+from nvae_tf.model.distributions import Bernoulli, DiscretizedMixtureOfLogistics, KerasNoise, Normal, ZeroNoise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -536,6 +536,28 @@ def test_normal_sample_is_mu_plus_sigma_eps():
     assert len(noise.normals) == 1 and noise.normals[0].shape == shape
     mu, sigma = ref_from_raw(mu_raw, ls_raw, 0.9)
     np.testing.assert_allclose(z, mu + sigma * noise.normals[0], rtol=1e-5, atol=1e-5)
+
+
+def test_zero_noise_draws_zeros_and_halves_so_samples_are_the_means():
+    noise = ZeroNoise()
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(noise.normal((2, 3))), np.zeros((2, 3)))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(noise.uniform((2, 3))), np.full((2, 3), 0.5))
+    assert keras.backend.standardize_dtype(noise.normal((1,), "float16").dtype) == "float16"
+    assert keras.backend.standardize_dtype(noise.uniform((1,), "bfloat16").dtype) == "bfloat16"
+    rng = np.random.default_rng(36)
+    shape = (2, 3, 3, 4)
+    mu_raw, ls_raw = rng.normal(0, 3, shape).astype(np.float32), rng.normal(0, 2, shape).astype(np.float32)
+    z = keras.ops.convert_to_numpy(Normal.from_raw(mu_raw, ls_raw, 0.9).sample(noise))
+    np.testing.assert_allclose(z, ref_from_raw(mu_raw, ls_raw, 0.9)[0], rtol=1e-6, atol=1e-6)
+    # Mixture of logistics: the same draw as the NumPy constant-noise source (uniform 0.5 everywhere).
+    logits, means, log_scales, coeffs_raw = random_dmol(rng, (2, 4, 5), 3, (-7.5, 1.5), (-2.0, 2.0))
+    params = assemble_dmol_params(logits, means, log_scales, coeffs_raw).astype(np.float32)
+    dist = DiscretizedMixtureOfLogistics(params)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(dist.sample(noise)),
+                                  keras.ops.convert_to_numpy(dist.sample(ConstNoise())))
+    logits = rng.normal(size=(2, 4, 4, 1)).astype(np.float32)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(Bernoulli(logits).sample(noise)),
+                                  (logits > 0).astype(np.float32))
 
 
 def test_normal_sample_with_keras_noise_has_right_moments():
