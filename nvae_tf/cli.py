@@ -18,7 +18,6 @@ from nvae_tf import errors, options
 
 HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "-?")
 WIDTH = 110
-GROUP_TITLES = {"data": "data", "model": "model", "training": "training", "run": "run"}
 
 
 def define_verbose(flag_values=None):
@@ -43,7 +42,7 @@ def help_text(command, doc, option_classes, usage=None):
     for group in options.GROUPS:
         if not by_group[group]:
             continue
-        lines.append(f"{GROUP_TITLES[group]}:")
+        lines.append(f"{group}:")
         for f in sorted(by_group[group], key=lambda f: not f.metadata["required"]):
             lines += _flag_lines(f)
         lines.append("")

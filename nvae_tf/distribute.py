@@ -9,7 +9,6 @@ training needs.
 import json
 import os
 
-import keras
 import tensorflow as tf
 
 from nvae_tf.model.distributions import KerasNoise
@@ -99,11 +98,3 @@ def replica_noise(seed_generator):
 def total(strategy, *values):
     """The sums over every replica of per-replica scalars (`strategy.run` results)."""
     return tuple(strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in values)
-
-
-def seed_generator(seed, name, strategy=None):
-    """A `keras.random.SeedGenerator`, created in `strategy`'s scope when given."""
-    if strategy is None:
-        return keras.random.SeedGenerator(seed, name=name)
-    with strategy.scope():
-        return keras.random.SeedGenerator(seed, name=name)

@@ -68,7 +68,6 @@ def run(opts, strategy=None, progress=True):
 
 def run_from_flags(fv):
     opts = options.from_flags(EvaluateOptions, fv)
-    options.check(opts)
     if opts.cpu_replicas > 1:
         from nvae_tf import distribute
         distribute.split_cpu(opts.cpu_replicas)

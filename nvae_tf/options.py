@@ -67,10 +67,6 @@ def check(options):
     return options
 
 
-def replace(options, **changes):
-    return dataclasses.replace(options, **changes)
-
-
 # ------------------------------------------------------------------------------------------ shared options
 @dataclass(frozen=True)
 class DataOptions:
