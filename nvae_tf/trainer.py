@@ -29,6 +29,10 @@ from nvae_tf.optim import NVAEAdamax, NVAELearningRate
 LOSS_SCALE_INITIAL = 2.0 ** 10
 LOSS_SCALE_GROWTH_STEPS = 2000
 SAMPLE_TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0)
+# Measured on 2 CPU cores (benchmarks/startup.py): tracing the training step, and optimising its graph plus the
+# first run, each take about this many times as long as building the model and the optimiser.
+TRACE_PER_BUILD_SECOND = 6.0
+FIRST_RUN_PER_BUILD_SECOND = 5.0
 
 
 # ------------------------------------------------------------------------------------------------- trainer
@@ -52,12 +56,11 @@ class Trainer:
 
         with strategy.scope():
             keras.utils.set_random_seed(config.seed)
+            started = time.time()
             self.model = NVAE(config, remat=run_options.remat)
-            logging.info("building NVAE (%s, %dx%dx%d)", config.dataset, *config.image_shape)
+            logging.info("building NVAE (%s, %dx%dx%d)...", config.dataset, *config.image_shape)
             self.model.build()
             distribute.prepare_model(self.model)
-            logging.info("built NVAE: %.2fM parameters", sum(int(math.prod(v.shape))
-                                                           for v in self.model.trainable_variables) / 1e6)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps",
@@ -75,6 +78,12 @@ class Trainer:
             self.optimizer = NVAEAdamax(learning_rate=lambda: self.schedule(self.optimizer.iterations),
                                         l2=config.weight_decay)
             self.optimizer.build(self.model.trainable_variables)
+            # Tracing and optimising the step are Python- and graph-bound work that grows with the model like
+            # its build does, so the build's time on this machine predicts theirs.
+            self.build_seconds = time.time() - started
+            logging.info("built NVAE: %.1fM parameters in %d variables, in %.1f s",
+                         sum(int(math.prod(v.shape)) for v in self.model.trainable_variables) / 1e6,
+                         len(self.model.trainable_variables), self.build_seconds)
             # Validation draws its posterior samples from a generator of its own, re-seeded by the step, so it
             # leaves the training noise alone and gives the same figure wherever a run was resumed.
             self.eval_seed_generator = keras.random.SeedGenerator(config.seed, name="validation_noise")
@@ -84,11 +93,10 @@ class Trainer:
 
         # Every model variable by its path: BN statistics, power-iteration vectors and the noise generator's
         # state live in lists that a checkpoint of the model object alone would not reach.
-        self.checkpoint = tf.train.Checkpoint(model=self.model,
-                                              model_variables=runs.model_variables(self.model),
-                                              optimizer=self.optimizer, step=self.step,
-                                              skipped=self.skipped, loss_scale=self.loss_scale,
-                                              finite_streak=self.finite_streak)
+        self._checkpointed = dict(model=self.model, model_variables=runs.model_variables(self.model),
+                                  optimizer=self.optimizer, step=self.step, skipped=self.skipped,
+                                  loss_scale=self.loss_scale, finite_streak=self.finite_streak)
+        self.checkpoint = tf.train.Checkpoint(**self._checkpointed)
         directory = runs.checkpoint_dir(self.model_dir)
         if self.chief:
             runs.repair_checkpoints(directory)
@@ -102,12 +110,13 @@ class Trainer:
         self._eval_step = tf.function(self._distributed_eval)
         self._probe = None
         self._resumed = False
+        self._traced = False
 
     # -------------------------------------------------------------------------------------------- steps
     def _replica_step(self, images):
         variables = self.model.trainable_variables
         noise = distribute.replica_noise(self.model.seed_generator)
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, self.model.shared_kernels():
             out = self.model(images, training=True, noise=noise)
             loss, metrics = objective.nvae_loss(self.model, out, self.optimizer.iterations, self.total_steps,
                                                 self.alpha)
@@ -194,8 +203,7 @@ class Trainer:
         directory = runs.checkpoint_dir(self.model_dir)
         damaged = []
         candidates = runs.list_checkpoints(directory)
-        restore_one = lambda p: self.checkpoint.restore(p).assert_existing_objects_matched()  # noqa: E731
-        for path, problem in runs.restore_each(candidates, restore_one,
+        for path, problem in runs.restore_each(candidates, self._restore_one,
                                                [*self.model.variables, *self.optimizer.variables]):
             if problem:
                 if self.chief:
@@ -213,6 +221,20 @@ class Trainer:
             raise TrainingError(f"no intact checkpoint in {directory} to resume from: {listing}. The damaged files "
                                 f"are kept in {quarantined}; move that folder away to train from scratch.")
         return None
+
+    def _restore_one(self, path):
+        """Restore every piece of state from the checkpoint `path`; an optimiser state in the per-variable layout
+        of earlier versions is read and stacked."""
+        reader = tf.train.load_checkpoint(path)
+        slots = self.optimizer.legacy_slots(reader)
+        if slots is None:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+            return
+        rest = tf.train.Checkpoint(**{k: v for k, v in self._checkpointed.items() if k != "optimizer"})
+        rest.restore(path).expect_partial().assert_existing_objects_matched()
+        self.optimizer.set_slots(*slots)
+        self.optimizer.iterations.assign(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+        logging.info("read the optimiser state of %s (per-variable layout of earlier versions)", path)
 
     def _validation_nelbo(self, images, step):
         """Summed negative ELBO and image count of a distributed validation batch, with the noise of `step`."""
@@ -283,7 +305,10 @@ class Trainer:
             epoch, offset = divmod(step, self.steps_per_epoch)
             batches = 0
             for images in self._train_data(epoch, offset):
-                metrics = self.train_step(images)
+                if not self._traced:
+                    metrics = self._first_step(images)
+                else:
+                    metrics = self.train_step(images)
                 step += 1
                 batches += 1
                 if int(self.consecutive_skipped.numpy()) >= self.options.max_skipped_steps:
@@ -323,6 +348,22 @@ class Trainer:
             self.save()
         self.writer.flush()
         return step
+
+    def _first_step(self, images):
+        """The first training step of this process, with word of what takes the time: tracing the step into a
+        graph, then TensorFlow's optimisation of that graph and the first run."""
+        logging.info("tracing the training step (about %s on this machine)...",
+                     _about(TRACE_PER_BUILD_SECOND * self.build_seconds))
+        started = time.time()
+        self.train_step.get_concrete_function(images)
+        traced = time.time()
+        logging.info("traced in %.0f s; optimising the graph and running the first step (about %s)...",
+                     traced - started, _about(FIRST_RUN_PER_BUILD_SECOND * self.build_seconds))
+        metrics = self.train_step(images)
+        float(metrics["loss"])
+        logging.info("first step done in %.0f s", time.time() - traced)
+        self._traced = True
+        return metrics
 
     def _log(self, step, last, epoch, metrics, rate, start_time, start_step):
         values = {k: v.numpy() for k, v in metrics.items()}
@@ -387,6 +428,13 @@ def _os_reason(error):
         return error.strerror
     text = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
     return re.sub(r"\s*\[Op:\w+\]$", "", text.rsplit("; ", 1)[-1])[:200]
+
+
+def _about(seconds):
+    """A rough duration for a progress message: "20 s", "3 min"."""
+    if seconds < 90:
+        return f"{max(5, 5 * round(seconds / 5)):.0f} s"
+    return f"{round(seconds / 60):.0f} min"
 
 
 def _hms(seconds):

@@ -95,3 +95,33 @@ def test_optimizer_uses_the_schedule():
     assert var.numpy()[0] == 0.0  # lr is 0 at step 0
     opt.apply_gradients([(np.ones(1, "float32"), var)])
     assert var.numpy()[0] < 0.0
+
+
+def test_stacked_update_of_many_variables_matches_the_numpy_reference_per_variable(monkeypatch):
+    """Variables of equal and different shapes, split over several buckets (a bucket limit of 40 elements), each
+    follow NVAE's Adamax exactly as if updated alone."""
+    from nvae_tf import optim
+    monkeypatch.setattr(optim, "BUCKET_ELEMENTS", 40)
+    rng = np.random.default_rng(1)
+    shapes = [(3, 4), (5,), (3, 4), (2, 2, 2), (3, 4), (5,), (50,), (3, 4)]
+    starts = [rng.normal(size=s) for s in shapes]
+    grads = [rng.normal(size=(6, *s)) * 10.0 ** rng.integers(-4, 2) for s in shapes]
+    variables = [keras.Variable(s.astype("float32")) for s in starts]
+    opt = NVAEAdamax(learning_rate=1e-2, l2=3e-4)
+    opt.build(variables)
+    assert len(opt.buckets) == 5  # (3,4) x4 in runs of 3 and 1, (5,) x2, (2,2,2), (50,)
+    assert sorted(i for b in opt.buckets for i in b) == list(range(len(shapes)))
+    for t in range(6):
+        opt.apply_gradients([(g[t].astype("float32"), v) for g, v in zip(grads, variables)])
+    for start, g, v in zip(starts, grads, variables):
+        expected = numpy_adamax(start, lambda t, p, g=g: g[t - 1], 1e-2, 6)
+        np.testing.assert_allclose(v.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert int(opt.iterations.numpy()) == 6
+
+
+def test_a_missing_gradient_is_refused_by_name():
+    variables = [keras.Variable(np.zeros(2, "float32")), keras.Variable(np.zeros(3, "float32"))]
+    opt = NVAEAdamax()
+    opt.build(variables)
+    with pytest.raises(ValueError, match="one gradient for each of its 2 variables"):
+        opt.apply([np.zeros(2, "float32"), None])

@@ -649,3 +649,56 @@ def test_model_dir_is_required(tmp_path):
     run = Run(args, tmp_path / "log")
     assert run.wait() == 2
     assert "--model_dir is required" in run.text()
+
+
+def test_a_checkpoint_with_the_per_variable_optimiser_layout_of_earlier_versions_resumes(tmp_path, monkeypatch):
+    """Checkpoints written before the optimiser stacked its slots hold one m and one u per variable
+    (`optimizer/_variables/1..2n`). Resuming one restores the model and reads those slots into the stacked
+    buffers, instead of calling the checkpoint damaged."""
+    import keras
+    import tensorflow as tf
+
+    from nvae_tf import trainer as trainer_lib
+
+    class PerVariableAdamax(keras.optimizers.Optimizer):
+        """The optimiser state layout of earlier versions: m of every variable, then u of every variable."""
+
+        def __init__(self, learning_rate, l2, **kwargs):
+            super().__init__(learning_rate=learning_rate, name="nvae_adamax")
+            self.l2 = l2
+
+        def build(self, var_list):
+            super().build(var_list)
+            self._m = [self.add_variable_from_reference(v, "m") for v in var_list]
+            self._u = [self.add_variable_from_reference(v, "u") for v in var_list]
+
+        def update_step(self, gradient, variable, learning_rate):
+            g = gradient + self.l2 * variable
+            i = self._get_variable_index(variable)
+            self.assign(self._m[i], 0.9 * self._m[i] + 0.1 * g)
+            self.assign(self._u[i], tf.maximum(0.999 * self._u[i], tf.abs(g) + 1e-3))
+            self.assign_sub(variable, learning_rate * self._m[i] / self._u[i])
+
+    config = small_config(batch_size=8)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_lib, "NVAEAdamax", PerVariableAdamax)
+        old = make_trainer(tmp_path, config, eval_batches=1)
+        old.train(max_steps=2)
+    m_old = [v.numpy() for v in old.optimizer._m]
+    u_old = [v.numpy() for v in old.optimizer._u]
+    assert any(np.abs(m).max() > 0 for m in m_old)
+
+    resumed = make_trainer(tmp_path, config, eval_batches=1)
+    path = resumed.restore()
+    assert path.endswith("ckpt-2") and int(resumed.step.numpy()) == 2
+    assert int(resumed.optimizer.iterations.numpy()) == 2
+    for a, b in zip(old.model.variables, resumed.model.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    opt = resumed.optimizer
+    assert len(opt.buckets) < len(m_old)
+    for members, m, u in zip(opt.buckets, opt._m, opt._u):
+        for k, i in enumerate(members):
+            np.testing.assert_array_equal(m.numpy()[k], m_old[i])
+            np.testing.assert_array_equal(u.numpy()[k], u_old[i])
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "damaged"))
+    assert resumed.train(max_steps=3) == 3

@@ -28,6 +28,14 @@ class BatchNorm(keras.layers.BatchNormalization):
     """
 
     update_statistics = True
+    # Optional `(x, axes) -> (mean, variance)` for the batch statistics in training, e.g. over every replica's
+    # batch (set by the runtime that replicates the model); the layer's own moments otherwise.
+    moments_fn = None
+
+    def _moments(self, inputs, mask):
+        if self.moments_fn is not None and mask is None:
+            return self.moments_fn(inputs, self._reduction_axes)
+        return super()._moments(inputs, mask)
 
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable) or self.update_statistics:
@@ -43,7 +51,7 @@ class BatchNorm(keras.layers.BatchNormalization):
 
 def batch_norm(name=None):
     """BatchNormalization as NVAE uses it: running <- 0.95 running + 0.05 batch. The model works under any Keras
-    backend; a runtime that replicates it switches on synchronised statistics over the global batch
+    backend; a runtime that replicates it computes the statistics over the global batch
     (`nvae_tf.distribute.prepare_model`)."""
     return BatchNorm(momentum=0.95, epsilon=1e-5, name=name)
 

@@ -12,6 +12,7 @@ Layout (paper Fig. 2; L latent scales, N latent groups):
 `call(images)` returns the terms of the ELBO per image; `sample()` draws images from the prior.
 """
 
+import contextlib
 from typing import NamedTuple
 
 import keras
@@ -365,6 +366,21 @@ class NVAE(keras.Model):
         x = dist.sample(noise or KerasNoise(self.seed_generator))
         levels = 2.0 ** self.config.num_x_bits - 1.0
         return ops.round(x * levels) / levels
+
+    @contextlib.contextmanager
+    def shared_kernels(self):
+        """Within this context every convolution's effective kernel is computed once, on entry, and shared by the
+        forward pass and `spectral_norm_loss` (a training step computes it once instead of twice). Without effect
+        under `remat`: a rematerialised cell must compute its kernels inside the recomputed function, or the
+        recomputation would not differentiate them."""
+        layers = [] if self.remat else self.conv_layers
+        for layer in layers:
+            layer.shared_kernel = layer.effective_kernel()
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.shared_kernel = None
 
     # ------------------------------------------------------------------------------------------ sampling
     def sample(self, num_samples, temperature=1.0, noise=None, mode="sample", training=False):

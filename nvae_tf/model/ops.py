@@ -94,8 +94,13 @@ class Conv2D(keras.layers.Layer):
             return self.kernel
         return self.kernel * ops.cast(self.mask, self.kernel.dtype)
 
+    # Set by `NVAE.shared_kernels()`: the effective kernel, computed once for a forward pass and the regulariser.
+    shared_kernel = None
+
     def effective_kernel(self):
         """The kernel the convolution applies: masked, then weight-normalised."""
+        if self.shared_kernel is not None:
+            return self.shared_kernel
         kernel = self._masked_kernel()
         if not self.weight_norm:
             return kernel
