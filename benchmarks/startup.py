@@ -76,10 +76,10 @@ def measure_training(config_name, batch, steps, remat, start):
     with tempfile.TemporaryDirectory() as model_dir:
         trainer = Trainer(config, tf.distribute.get_strategy(), source,
                           TrainOptions(model_dir=model_dir, remat=remat))
-        built = time.time()
+        built, rss_built = time.time(), _rss_mib("VmRSS")
         batches = [tf.constant(images[:batch]), tf.constant(images[batch:])]
         graph = trainer.train_step.get_concrete_function(batches[0]).graph
-        traced = time.time()
+        traced, rss_traced = time.time(), _rss_mib("VmRSS")
         float(trainer.train_step(batches[0])["loss"])
         first = time.time()
         peak_first = _rss_mib("VmHWM")
@@ -95,11 +95,12 @@ def measure_training(config_name, batch, steps, remat, start):
             "variables": len(trainer.model.trainable_weights), "graph_ops": len(graph.get_operations()),
             "import_s": imported - start, "build_s": built - imported, "trace_s": traced - built,
             "first_run_s": first - traced, "first_step_s": first - start, "steady_ms": 1000 * steady,
-            "peak_first_mib": peak_first, "peak_steady_mib": _rss_mib("VmHWM") if reset else float("nan"),
+            "rss_built_mib": rss_built, "rss_traced_mib": rss_traced, "peak_first_mib": peak_first,
+            "peak_steady_mib": _rss_mib("VmHWM") if reset else float("nan"),
             "finite": bool(np.isfinite(loss))}
 
 
-def make_run(model_dir):
+def make_run(model_dir, start=None):
     """A digits run directory with untrained weights, for timing `sample` and `export`."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, ROOT)
@@ -178,20 +179,28 @@ def main():
                 print(f"timing {command} on a digits run ...", file=sys.stderr, flush=True)
                 command_rows.append((command, *run_command(argvs[command])))
 
+    for r in rows:
+        if "error" in r:
+            print(f"{r['config']} (remat {'on' if r['remat'] else 'off'}): {r['error']}")
+    rows = [r for r in rows if "error" not in r]
     if rows:
         header = (f"{'config':<9} {'remat':<5} {'params':>12} {'batch':>5} {'ops':>7} {'import s':>8} "
-                  f"{'build s':>8} {'trace s':>8} {'opt+run s':>9} {'1st step s':>10} {'steady ms':>9} "
-                  f"{'peak 1st MiB':>12} {'peak steady MiB':>15}")
+                  f"{'build s':>8} {'trace s':>8} {'opt+run s':>9} {'1st step s':>10} {'steady ms':>9}")
         print(header)
         print("-" * len(header))
         for r in rows:
-            if "error" in r:
-                print(f"{r['config']:<9} {'on' if r['remat'] else 'off':<5} {r['error']}")
-                continue
             print(f"{r['config']:<9} {'on' if r['remat'] else 'off':<5} {r['params']:>12,} {r['batch']:>5} "
                   f"{r['graph_ops']:>7} {r['import_s']:>8.1f} {r['build_s']:>8.1f} {r['trace_s']:>8.1f} "
-                  f"{r['first_run_s']:>9.1f} {r['first_step_s']:>10.1f} {r['steady_ms']:>9.0f} "
-                  f"{r['peak_first_mib']:>12.0f} {r['peak_steady_mib']:>15.0f}")
+                  f"{r['first_run_s']:>9.1f} {r['first_step_s']:>10.1f} {r['steady_ms']:>9.0f}")
+        print()
+        header = (f"{'config':<9} {'remat':<5} {'batch':>5} {'RSS built MiB':>13} {'RSS traced MiB':>14} "
+                  f"{'peak 1st step MiB':>17} {'peak steady MiB':>15}")
+        print(header)
+        print("-" * len(header))
+        for r in rows:
+            print(f"{r['config']:<9} {'on' if r['remat'] else 'off':<5} {r['batch']:>5} "
+                  f"{r.get('rss_built_mib', float('nan')):>13.0f} {r.get('rss_traced_mib', float('nan')):>14.0f} "
+                  f"{r['peak_first_mib']:>17.0f} {r['peak_steady_mib']:>15.0f}")
     if command_rows:
         print()
         print(f"{'command (digits)':<17} {'seconds':>8} {'peak MiB':>9} result")

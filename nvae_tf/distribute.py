@@ -2,8 +2,8 @@
 
 One device, all local GPUs (MirroredStrategy), several machines (MultiWorkerMirroredStrategy when TF_CONFIG or
 Slurm names a cluster), or `--cpu_replicas=N` logical CPU devices. The model itself knows nothing of replicas:
-`prepare_model` switches on the synchronised BatchNorm statistics (over the global batch) that replicated
-training needs.
+`prepare_model` gives its BatchNorm layers their training-mode computation: statistics over the global batch
+with several replicas, one fused op on one.
 """
 
 import json
@@ -70,11 +70,34 @@ def describe(strategy):
     return f"{name} with {replicas} replica{'s' if replicas > 1 else ''}"
 
 
-def prepare_model(model):
-    """Make a built model ready for replicated execution: BatchNorm statistics over the global batch."""
+def prepare_model(model, strategy=None):
+    """Make a built model ready for training under `strategy`: BatchNorm statistics over the global batch with
+    several replicas, one fused BatchNorm op per layer with one."""
+    replicated = (strategy or tf.distribute.get_strategy()).num_replicas_in_sync > 1
     for bn in model.batchnorm_layers:
-        bn.moments_fn = synchronized_moments
+        if replicated:
+            bn.moments_fn = synchronized_moments
+        else:
+            bn.training_fn = fused_batch_norm
     return model
+
+
+def fused_batch_norm(layer, inputs, update_statistics=True):
+    """Training-mode BatchNorm of `layer` as one fused op (and one for its gradient) instead of some forty:
+    normalisation with the batch's mean and biased variance, then running <- m running + (1 - m) batch, the
+    biased variance as Keras's BatchNormalization takes it."""
+    x = tf.cast(inputs, tf.float32)
+    empty = tf.zeros([0], tf.float32)
+    y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=tf.convert_to_tensor(layer.gamma), offset=tf.convert_to_tensor(layer.beta), mean=empty,
+        variance=empty, epsilon=layer.epsilon, exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
+    if update_statistics:
+        count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+        variance = variance * ((count - 1.0) / count)  # the op returns the unbiased variance
+        momentum = layer.momentum
+        layer.moving_mean.assign(layer.moving_mean * momentum + mean * (1.0 - momentum))
+        layer.moving_variance.assign(layer.moving_variance * momentum + variance * (1.0 - momentum))
+    return tf.cast(y, layer.compute_dtype)
 
 
 def synchronized_moments(x, axes):

@@ -60,7 +60,7 @@ class Trainer:
             self.model = NVAE(config, remat=run_options.remat)
             logging.info("building NVAE (%s, %dx%dx%d)...", config.dataset, *config.image_shape)
             self.model.build()
-            distribute.prepare_model(self.model)
+            distribute.prepare_model(self.model, strategy)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps",
@@ -107,7 +107,7 @@ class Trainer:
         self.writer = (tf.summary.create_file_writer(self.model_dir) if self.chief
                        else tf.summary.create_noop_writer())
         self.train_step = tf.function(self._distributed_step, jit_compile=run_options.jit_compile)
-        self._eval_step = tf.function(self._distributed_eval)
+        self._traced_eval_step = tf.function(self._distributed_eval)
         self._probe = None
         self._resumed = False
         self._traced = False
@@ -221,6 +221,16 @@ class Trainer:
             raise TrainingError(f"no intact checkpoint in {directory} to resume from: {listing}. The damaged files "
                                 f"are kept in {quarantined}; move that folder away to train from scratch.")
         return None
+
+    def _eval_step(self, images):
+        """Summed negative ELBO and image count of a distributed batch (eval mode); the first call traces."""
+        if self._traced_eval_step.experimental_get_tracing_count() == 0:
+            logging.info("tracing the validation step...")
+            started = time.time()
+            result = self._traced_eval_step(images)
+            logging.info("validation step traced and run in %.0f s", time.time() - started)
+            return result
+        return self._traced_eval_step(images)
 
     def _restore_one(self, path):
         """Restore every piece of state from the checkpoint `path`; an optimiser state in the per-variable layout

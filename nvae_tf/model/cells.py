@@ -37,7 +37,13 @@ class BatchNorm(keras.layers.BatchNormalization):
             return self.moments_fn(inputs, self._reduction_axes)
         return super()._moments(inputs, mask)
 
+    # Optional `(layer, x, update_statistics) -> y`: the whole training-mode computation (batch statistics, and
+    # the running-statistics update if `update_statistics`), e.g. one fused op (set by the runtime).
+    training_fn = None
+
     def call(self, inputs, training=None, mask=None):
+        if training and self.trainable and self.training_fn is not None and mask is None:
+            return self.training_fn(self, inputs, self.update_statistics)
         if not (training and self.trainable) or self.update_statistics:
             return super().call(inputs, training=training, mask=mask)
         x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))

@@ -22,7 +22,7 @@ from keras import ops
 from nvae_tf.model.cells import BatchNorm, EncoderCell, GenerativeCell
 from nvae_tf.model.distributions import Bernoulli, DiscretizedMixtureOfLogistics, KerasNoise, Normal
 from nvae_tf.model.flows import ARFlowCell
-from nvae_tf.model.ops import Conv2D, channels_shape, sum_per_image
+from nvae_tf.model.ops import SHARED_KERNELS, Conv2D, channels_shape, sum_per_image
 
 DECODER_EXPANSION = 6
 POSTPROCESS_EXPANSION = 3
@@ -373,14 +373,15 @@ class NVAE(keras.Model):
         forward pass and `spectral_norm_loss` (a training step computes it once instead of twice). Without effect
         under `remat`: a rematerialised cell must compute its kernels inside the recomputed function, or the
         recomputation would not differentiate them."""
-        layers = [] if self.remat else self.conv_layers
-        for layer in layers:
-            layer.shared_kernel = layer.effective_kernel()
+        if self.remat:
+            yield
+            return
+        kernels = {id(layer): layer.effective_kernel() for layer in self.conv_layers}
+        SHARED_KERNELS.by_layer = kernels
         try:
             yield
         finally:
-            for layer in layers:
-                layer.shared_kernel = None
+            SHARED_KERNELS.by_layer = None
 
     # ------------------------------------------------------------------------------------------ sampling
     def sample(self, num_samples, temperature=1.0, noise=None, mode="sample", training=False):

@@ -5,6 +5,7 @@ blocks are backend-portable and convert to TFLite builtin ops.
 """
 
 import math
+import threading
 
 import keras
 import numpy as np
@@ -30,6 +31,11 @@ def _fan_in_uniform(fan_in):
     """U(+-1/sqrt(fan_in)): the default initialisation of kernels and biases in the paper's code."""
     bound = 1.0 / math.sqrt(fan_in)
     return keras.initializers.RandomUniform(-bound, bound)
+
+
+# Effective kernels computed once and shared by a forward pass and the spectral regulariser, by `id(layer)`
+# (`NVAE.shared_kernels()`). Per thread: a distribution strategy traces its replicas in threads of their own.
+SHARED_KERNELS = threading.local()
 
 
 class Conv2D(keras.layers.Layer):
@@ -94,13 +100,11 @@ class Conv2D(keras.layers.Layer):
             return self.kernel
         return self.kernel * ops.cast(self.mask, self.kernel.dtype)
 
-    # Set by `NVAE.shared_kernels()`: the effective kernel, computed once for a forward pass and the regulariser.
-    shared_kernel = None
-
     def effective_kernel(self):
         """The kernel the convolution applies: masked, then weight-normalised."""
-        if self.shared_kernel is not None:
-            return self.shared_kernel
+        shared = getattr(SHARED_KERNELS, "by_layer", None)
+        if shared and id(self) in shared:
+            return shared[id(self)]
         kernel = self._masked_kernel()
         if not self.weight_norm:
             return kernel

@@ -1,0 +1,79 @@
+"""The runtime's BatchNorm for training: one fused op on one replica, synchronised moments on several."""
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from nvae_tf import distribute  # noqa: E402
+from nvae_tf.model.cells import batch_norm  # noqa: E402
+
+
+def numpy_batch_norm(x, gamma, beta, moving_mean, moving_variance, momentum=0.95, eps=1e-5):
+    """Training-mode BatchNorm in float64: batch mean and biased variance; the running statistics move by
+    running <- momentum running + (1 - momentum) batch."""
+    x = x.astype(np.float64)
+    mean, variance = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    y = (x - mean) / np.sqrt(variance + eps) * gamma + beta
+    return (y, momentum * moving_mean + (1 - momentum) * mean,
+            momentum * moving_variance + (1 - momentum) * variance)
+
+
+def make_layer(channels, rng):
+    layer = batch_norm()
+    layer.build((None, None, None, channels))
+    layer.gamma.assign(rng.uniform(0.5, 2.0, channels).astype("float32"))
+    layer.beta.assign(rng.normal(size=channels).astype("float32"))
+    layer.moving_mean.assign(rng.normal(size=channels).astype("float32"))
+    layer.moving_variance.assign(rng.uniform(0.5, 2.0, channels).astype("float32"))
+    return layer
+
+
+@pytest.mark.parametrize("training_hook", ["fused", "synchronized_moments"])
+def test_training_batch_norm_matches_numpy_and_updates_the_running_statistics(training_hook):
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(6, 5, 7, 4)) * 3.0 + 2.0).astype("float32")
+    layer = make_layer(4, rng)
+    expected = numpy_batch_norm(x, layer.gamma.numpy(), layer.beta.numpy(), layer.moving_mean.numpy(),
+                                layer.moving_variance.numpy())
+    if training_hook == "fused":
+        layer.training_fn = distribute.fused_batch_norm
+    else:
+        layer.moments_fn = distribute.synchronized_moments
+    y = layer(tf.constant(x), training=True)
+    np.testing.assert_allclose(y.numpy(), expected[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), expected[1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), expected[2], rtol=1e-6, atol=1e-6)
+
+
+def test_fused_batch_norm_leaves_the_running_statistics_alone_when_told_and_has_keras_gradients():
+    rng = np.random.default_rng(1)
+    x = tf.constant((rng.normal(size=(4, 3, 3, 5)) * 2.0 - 1.0).astype("float32"))
+    fused, plain = make_layer(5, rng), batch_norm()
+    plain.build((None, None, None, 5))
+    for a, b in zip(plain.weights, fused.weights):
+        a.assign(b)
+    fused.training_fn = distribute.fused_batch_norm
+    fused.update_statistics = plain.update_statistics = False
+    before = [v.numpy().copy() for v in fused.non_trainable_weights]
+    weights = rng.normal(size=x.shape).astype("float32")
+    grads = []
+    for layer in (fused, plain):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=True) ** 2 * weights)
+        grads.append(tape.gradient(loss, [x, layer.gamma, layer.beta]))
+    for v, b in zip(fused.non_trainable_weights, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+    for g_fused, g_plain in zip(*grads):
+        np.testing.assert_allclose(g_fused.numpy(), g_plain.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_model_fuses_on_one_replica():
+    from conftest import load_flagfile
+
+    from nvae_tf.model import NVAE
+    model = NVAE(load_flagfile("tiny"))
+    model.build()
+    distribute.prepare_model(model, tf.distribute.get_strategy())
+    assert all(bn.training_fn is distribute.fused_batch_norm for bn in model.batchnorm_layers)
