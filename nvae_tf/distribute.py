@@ -87,7 +87,7 @@ def fused_batch_norm(layer, inputs, update_statistics=True):
     normalisation with the batch's mean and biased variance, then running <- m running + (1 - m) batch, the
     biased variance as Keras's BatchNormalization takes it."""
     x = tf.cast(inputs, tf.float32)
-    empty = tf.zeros([0], tf.float32)
+    empty = tf.constant([], tf.float32)
     y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
         x=x, scale=tf.convert_to_tensor(layer.gamma), offset=tf.convert_to_tensor(layer.beta), mean=empty,
         variance=empty, epsilon=layer.epsilon, exponential_avg_factor=1.0, data_format="NHWC", is_training=True)

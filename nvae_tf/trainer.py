@@ -120,7 +120,7 @@ class Trainer:
             out = self.model(images, training=True, noise=noise)
             loss, metrics = objective.nvae_loss(self.model, out, self.optimizer.iterations, self.total_steps,
                                                 self.alpha)
-            scaled = loss * self.loss_scale / self.replicas
+            scaled = (loss * self.loss_scale if self.fp16 else loss) / self.replicas
         grads = tape.gradient(scaled, variables)
         grads = [tf.zeros_like(v) if g is None else tf.cast(g, tf.float32) for g, v in zip(grads, variables)]
         # One batched all-reduce: every replica then holds the same sum and takes the same decision below.
@@ -137,7 +137,9 @@ class Trainer:
         before = [tf.identity(v) for v in self.forward_state]
         learning_rate = self.schedule(self.optimizer.iterations)
         grads, metrics = strategy.run(self._replica_step, args=(images,))
-        grads = [strategy.experimental_local_results(g)[0] / self.loss_scale for g in grads]
+        grads = [strategy.experimental_local_results(g)[0] for g in grads]
+        if self.fp16:  # without mixed_float16 the loss is not scaled
+            grads = [g / self.loss_scale for g in grads]
         metrics = {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in metrics.items()}
         grad_norm = tf.linalg.global_norm(grads)
         state_finite = [tf.reduce_all(tf.math.is_finite(v)) for v in self.forward_state
