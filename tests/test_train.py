@@ -260,6 +260,14 @@ def test_training_lowers_the_validation_nelbo_and_the_training_bpd(trained):
     assert np.mean(bpd[-5:]) < np.mean(bpd[:5]) - 0.1, bpd
 
 
+def test_the_steps_are_traced_once_across_epochs(trained):
+    """190 steps span two epochs (a new dataset each), validation and checkpoints: one trace of the training step
+    and one of the validation step, so no epoch pays the start-up cost again."""
+    assert trained.final_step > trained.trainer.steps_per_epoch
+    assert trained.trainer.train_step.experimental_get_tracing_count() == 1
+    assert trained.trainer._traced_eval_step.experimental_get_tracing_count() == 1
+
+
 def test_tensorboard_holds_every_scalar_and_image_tag(trained):
     events = event_tensors(trained.model_dir)
     missing = [t for t in SCALAR_TAGS + IMAGE_TAGS + ("validation/bpd",) if t not in events]
@@ -594,6 +602,12 @@ def test_two_cpu_replicas_make_the_same_update_as_one_replica_with_the_global_ba
     assert rcs == [0, 0], two.tail() + one.tail()
     assert "global batch 16 (2 replicas)" in two.text()
     assert "global batch 16 (1 replicas)" in one.text()
+    for run in (one, two):  # what the first step spends its time on is said before it is spent
+        text = run.text()
+        assert re.search(r"built NVAE: [\d.]+M parameters in \d+ variables, in [\d.]+ s", text), text
+        tracing = text.index("tracing the training step (about ")
+        optimising = text.index("; optimising the graph and running the first step (about ")
+        assert tracing < optimising < text.index("first step done in ") < text.index("step 1/2")
     a, b = str(tmp_path / "one" / "checkpoints"), str(tmp_path / "two" / "checkpoints")
     assert checkpoint_step(a) == checkpoint_step(b) == 2
     bad, worst = compare_checkpoints(a, b, rel=1e-4, atol=1e-5)
