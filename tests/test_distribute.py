@@ -77,3 +77,35 @@ def test_prepare_model_fuses_on_one_replica():
     model.build()
     distribute.prepare_model(model, tf.distribute.get_strategy())
     assert all(bn.training_fn is distribute.fused_batch_norm for bn in model.batchnorm_layers)
+
+
+def test_kernels_shared_by_the_forward_pass_and_the_regulariser_give_the_same_loss_and_gradients():
+    """`NVAE.shared_kernels()` computes each effective kernel once for the forward pass and the spectral
+    regulariser: the loss and every gradient must be those of computing it twice."""
+    from conftest import load_flagfile
+
+    from nvae_tf import objective
+    from nvae_tf.model import NVAE
+    from nvae_tf.model.distributions import ZeroNoise
+    config = load_flagfile("tiny")
+    model = NVAE(config)
+    model.build()
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (4, *config.image_shape)), tf.uint8)
+    state = [v.numpy().copy() for v in model.variables]
+    results = []
+    for shared in (False, True):
+        for v, value in zip(model.variables, state):  # the same power-iteration state for both
+            v.assign(value)
+        with tf.GradientTape() as tape:
+            if shared:
+                with model.shared_kernels():
+                    out = model(images, training=True, noise=ZeroNoise())
+                    loss, _ = objective.nvae_loss(model, out, 10, 100)
+            else:
+                out = model(images, training=True, noise=ZeroNoise())
+                loss, _ = objective.nvae_loss(model, out, 10, 100)
+        results.append((float(loss), tape.gradient(loss, model.trainable_variables)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for v, a, b in zip(model.trainable_variables, grads_a, grads_b):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=v.path)

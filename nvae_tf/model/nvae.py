@@ -371,9 +371,10 @@ class NVAE(keras.Model):
     def shared_kernels(self):
         """Within this context every convolution's effective kernel is computed once, on entry, and shared by the
         forward pass and `spectral_norm_loss` (a training step computes it once instead of twice). Without effect
-        under `remat`: a rematerialised cell must compute its kernels inside the recomputed function, or the
-        recomputation would not differentiate them."""
-        if self.remat:
+        under `remat` (a rematerialised cell must compute its kernels inside the recomputed function, or the
+        recomputation would not differentiate them) and under a mixed precision policy (a convolution computes
+        its kernel from variables cast to its compute dtype, the regulariser in float32)."""
+        if self.remat or self.stem.compute_dtype != "float32":
             yield
             return
         kernels = {id(layer): layer.effective_kernel() for layer in self.conv_layers}
