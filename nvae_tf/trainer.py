@@ -29,10 +29,11 @@ from nvae_tf.optim import NVAEAdamax, NVAELearningRate
 LOSS_SCALE_INITIAL = 2.0 ** 10
 LOSS_SCALE_GROWTH_STEPS = 2000
 SAMPLE_TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0)
-# Measured on 2 CPU cores (benchmarks/startup.py): tracing the training step, and optimising its graph plus the
-# first run, each take about this many times as long as building the model and the optimiser.
-TRACE_PER_BUILD_SECOND = 6.0
-FIRST_RUN_PER_BUILD_SECOND = 5.0
+# Measured on 2 CPU cores (benchmarks/startup.py, digits to CIFAR-10): tracing the training step took 4 to 6
+# times as long as building the model and the optimiser, optimising its graph plus the first run 5 to 8 times
+# (more when one step itself computes for long, as MNIST's batch of 200 does).
+TRACE_PER_BUILD_SECOND = 5.0
+FIRST_RUN_PER_BUILD_SECOND = 6.0
 
 
 # ------------------------------------------------------------------------------------------------- trainer
