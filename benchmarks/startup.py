@@ -143,6 +143,17 @@ def child(job):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def print_table(rows, columns):
+    """One line per training row: config, remat, params and batch, then `columns` ((title, key, width, format))."""
+    header = f"{'config':<9} {'remat':<5} {'params':>12} {'batch':>5} " + " ".join(
+        f"{title:>{width}}" for title, _, width, _ in columns)
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['config']:<9} {'on' if r['remat'] else 'off':<5} {r['params']:>12,} {r['batch']:>5} "
+              + " ".join(f"{r[key]:>{width}{spec}}" for _, key, width, spec in columns))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated config names (configs/*.flags)")
@@ -159,8 +170,13 @@ def main():
         print(json.dumps(make_run(**job) if kind == "make_run" else measure_training(**job)))
         return
 
+    names = [n for n in args.configs.split(",") if n]
+    unknown = [n for n in names if not os.path.exists(os.path.join(ROOT, "configs", n + ".flags"))]
+    if unknown:
+        parser.error(f"--configs: no configs/{unknown[0]}.flags (known: "
+                     f"{', '.join(sorted(f[:-6] for f in os.listdir(os.path.join(ROOT, 'configs'))))})")
     rows = []
-    for name in filter(None, args.configs.split(",")):
+    for name in names:
         for remat in args.remat.split(","):
             print(f"measuring the first training step of {name} (remat {remat}) ...", file=sys.stderr, flush=True)
             job = {"kind": "train", "config_name": name, "batch": args.batch, "steps": args.steps,
@@ -184,23 +200,15 @@ def main():
             print(f"{r['config']} (remat {'on' if r['remat'] else 'off'}): {r['error']}")
     rows = [r for r in rows if "error" not in r]
     if rows:
-        header = (f"{'config':<9} {'remat':<5} {'params':>12} {'batch':>5} {'ops':>7} {'import s':>8} "
-                  f"{'build s':>8} {'trace s':>8} {'opt+run s':>9} {'1st step s':>10} {'steady ms':>9}")
-        print(header)
-        print("-" * len(header))
-        for r in rows:
-            print(f"{r['config']:<9} {'on' if r['remat'] else 'off':<5} {r['params']:>12,} {r['batch']:>5} "
-                  f"{r['graph_ops']:>7} {r['import_s']:>8.1f} {r['build_s']:>8.1f} {r['trace_s']:>8.1f} "
-                  f"{r['first_run_s']:>9.1f} {r['first_step_s']:>10.1f} {r['steady_ms']:>9.0f}")
+        print_table(rows, [("ops", "graph_ops", 7, ""), ("import s", "import_s", 8, ".1f"),
+                           ("build s", "build_s", 8, ".1f"), ("trace s", "trace_s", 8, ".1f"),
+                           ("opt+run s", "first_run_s", 9, ".1f"), ("1st step s", "first_step_s", 10, ".1f"),
+                           ("steady ms", "steady_ms", 9, ".0f")])
         print()
-        header = (f"{'config':<9} {'remat':<5} {'batch':>5} {'RSS built MiB':>13} {'RSS traced MiB':>14} "
-                  f"{'peak 1st step MiB':>17} {'peak steady MiB':>15}")
-        print(header)
-        print("-" * len(header))
-        for r in rows:
-            print(f"{r['config']:<9} {'on' if r['remat'] else 'off':<5} {r['batch']:>5} "
-                  f"{r.get('rss_built_mib', float('nan')):>13.0f} {r.get('rss_traced_mib', float('nan')):>14.0f} "
-                  f"{r['peak_first_mib']:>17.0f} {r['peak_steady_mib']:>15.0f}")
+        print_table(rows, [("RSS built MiB", "rss_built_mib", 13, ".0f"),
+                           ("RSS traced MiB", "rss_traced_mib", 14, ".0f"),
+                           ("peak 1st step MiB", "peak_first_mib", 17, ".0f"),
+                           ("peak steady MiB", "peak_steady_mib", 15, ".0f")])
     if command_rows:
         print()
         print(f"{'command (digits)':<17} {'seconds':>8} {'peak MiB':>9} result")
