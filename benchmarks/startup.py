@@ -56,6 +56,7 @@ def measure_training(config_name, batch, steps, remat, start):
 
     from nvae_tf import config as config_lib
     from nvae_tf import data as data_lib
+    from nvae_tf import distribute
     from nvae_tf.options import TrainOptions
     from nvae_tf.trainer import Trainer
     imported = time.time()
@@ -74,7 +75,7 @@ def measure_training(config_name, batch, steps, remat, start):
                              lambda split, shard=None, shuffle_files=False, seed=None:
                              tf.data.Dataset.from_tensor_slices(images))
     with tempfile.TemporaryDirectory() as model_dir:
-        trainer = Trainer(config, tf.distribute.get_strategy(), source,
+        trainer = Trainer(config, distribute.make_strategy(), source,
                           TrainOptions(model_dir=model_dir, remat=remat))
         built, rss_built = time.time(), _rss_mib("VmRSS")
         batches = [tf.constant(images[:batch]), tf.constant(images[batch:])]

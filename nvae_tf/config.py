@@ -43,6 +43,10 @@ def _model(default, help_text):
     return option(default, help_text, group="model", structural=True)
 
 
+def _compat(default, help_text):
+    return option(default, help_text, group="model")
+
+
 def _training(default, help_text):
     return option(default, help_text, group="training")
 
@@ -71,6 +75,16 @@ class NVAEConfig:
     num_mixture_dec: int = _model(10, "Logistic mixture components of the colour decoder.")
     use_se: bool = _model(True, "Squeeze-and-excitation in every residual cell (every paper run uses it).")
     res_dist: bool = _model(True, "Residual posterior relative to the prior (every paper run uses it).")
+    # Reference compatibility: what the reference code computes where nvae_tf deliberately differs (README, "Where
+    # nvae_tf differs"). `nvae_tf.convert` sets all three for NVIDIA's checkpoints; new runs leave them off.
+    flow_elu_twice: bool = _compat(False, "Flow cells apply ELU twice before their last conv, as the reference "
+                                   "code does (NVAE issue #25). Set by nvae_tf.convert.")
+    reference_logistic: bool = _compat(False, "The discretized logistic as the reference computes it: the upper "
+                                       "tail for every pixel above 0.99 (8-bit 254 and 255), and pdf x bin width "
+                                       "where a bin's mass is <= 1e-5. Set by nvae_tf.convert.")
+    pixel_temperature: bool = _compat(False, "Sampling at temperature t also applies t to the pixels, as the "
+                                      "reference does: mixture logits / t and logistic noise / t (more noise "
+                                      "below t = 1). Set by nvae_tf.convert.")
     # Training.
     batch_size: int = _training(16, "Images per replica (per GPU) and step.")
     epochs: int = _training(200, "Training epochs.")

@@ -5,6 +5,9 @@ that cannot go on, `TrainingError`); nothing else reaches the user as a tracebac
 """
 
 
+import re
+
+
 class RunError(ValueError):
     """A flag, a run directory, a checkpoint or data that cannot be used; the message says why."""
 
@@ -23,3 +26,12 @@ class TrainingError(RunError):
 
 class CheckpointWriteError(TrainingError):
     """A checkpoint could not be written (disk full, no permission); the previous checkpoints are intact."""
+
+
+def os_reason(error):
+    """The operating system's words in a failed write ("No space left on device"), without TensorFlow's
+    function names and temporary file names."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+    return re.sub(r"\s*\[Op:\w+\]$", "", text.rsplit("; ", 1)[-1])[:200]

@@ -172,6 +172,12 @@ class ExportOptions(RunOptions, SamplingOptions):
 
 
 @dataclass(frozen=True)
+class ConvertOptions(RunDirOptions):
+    checkpoint: str = option(None, "The reference NVAE checkpoint to convert (checkpoint.pt as NVlabs/NVAE's "
+                             "train.py writes it).", required=True)
+
+
+@dataclass(frozen=True)
 class InspectOptions(DataOptions):
     inspect: bool = option(False, "Print split sizes and one batch's shape, dtype and value range.")
     out: str = option("", "With --inspect: write the batch as a PNG grid here.")

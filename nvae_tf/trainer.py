@@ -12,7 +12,6 @@ No checkpoint is written while any model or optimiser variable is non-finite.
 
 import math
 import os
-import re
 import time
 
 import keras
@@ -22,7 +21,7 @@ from absl import logging
 
 from nvae_tf import data as data_lib
 from nvae_tf import distribute, objective, runs, sampling
-from nvae_tf.errors import CheckpointWriteError, TrainingError
+from nvae_tf.errors import CheckpointWriteError, TrainingError, os_reason
 from nvae_tf.model import NVAE
 from nvae_tf.optim import NVAEAdamax, NVAELearningRate
 
@@ -289,7 +288,7 @@ class Trainer:
                 except (tf.errors.OpError, OSError):
                     pass
             raise CheckpointWriteError(
-                f"cannot write checkpoint ckpt-{step} to {directory}: {_os_reason(e)}; "
+                f"cannot write checkpoint ckpt-{step} to {directory}: {os_reason(e)}; "
                 f"the newest intact checkpoint is {self.manager.latest_checkpoint or 'none'}") from None
         if not self.chief:
             tf.io.gfile.rmtree(os.path.dirname(path))
@@ -432,15 +431,6 @@ class Trainer:
                 tf.summary.image(f"samples/t{t:.1f}", self.model.sample(n, t, mode="mean").numpy(), max_outputs=n,
                                  step=step)
         self.writer.flush()
-
-
-def _os_reason(error):
-    """The operating system's words in a failed write ("No space left on device"), without TensorFlow's
-    function names and temporary file names."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    text = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
-    return re.sub(r"\s*\[Op:\w+\]$", "", text.rsplit("; ", 1)[-1])[:200]
 
 
 def _about(seconds):

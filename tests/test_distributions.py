@@ -285,6 +285,71 @@ def test_dmol_log_prob_conditions_on_true_data_not_on_means():
         np.testing.assert_allclose(got, ref, rtol=1e-4)
 
 
+def ref_dmol_reference_edges_log_prob_map(logits, means, log_scales, coeffs_raw, x01, num_bits):
+    """The reference code's log p(x) per pixel (spec §2 as the reference computes it), float64: tails below -0.999
+    and above 0.99, a middle bin's mass as CDF(plus) - CDF(minus), pdf x bin width where that is <= 1e-5."""
+    b = 2.0 ** num_bits - 1.0
+    ls = np.maximum(log_scales, -7.0)
+    s, c = np.exp(ls), np.tanh(coeffs_raw)
+    x = 2.0 * x01 - 1.0
+    xr, xg = x[..., 0:1], x[..., 1:2]
+    mu = [means[..., 0, :], means[..., 1, :] + c[..., 0, :] * xr,
+          means[..., 2, :] + c[..., 1, :] * xr + c[..., 2, :] * xg]
+    total = np_log_softmax(logits)
+    for ch in range(3):
+        xc = x[..., ch:ch + 1]
+        plus = (xc - mu[ch] + 1.0 / b) / s[..., ch, :]
+        minus = (xc - mu[ch] - 1.0 / b) / s[..., ch, :]
+        mid = (xc - mu[ch]) / s[..., ch, :]
+        delta = np_sigmoid(plus) - np_sigmoid(minus)
+        log_pdf = mid - ls[..., ch, :] - 2.0 * np.logaddexp(0.0, mid)
+        with np.errstate(divide="ignore"):
+            middle = np.where(delta > 1e-5, np.log(np.maximum(delta, 1e-10)), log_pdf - np.log(b / 2.0))
+        total = total + np.where(xc < -0.999, np_log_sigmoid(plus), np.where(xc > 0.99, np_log_sigmoid(-minus),
+                                                                               middle))
+    return np_logsumexp(total, axis=-1)
+
+
+def test_dmol_reference_edges_match_the_reference_formula_and_differ_where_documented():
+    """`reference_edges`: pixel 254 of 8-bit data takes the upper tail, and bins of tiny mass take pdf x bin
+    width."""
+    rng = np.random.default_rng(31)
+    lead, m = (2, 6, 6), 3
+    logits, means, log_scales, coeffs_raw = random_dmol(rng, lead, m, (-6.0, -1.0), (-1.0, 1.0))
+    k = rng.integers(0, 256, lead + (3,))
+    k[0, 0] = [254, 254, 254]
+    k[0, 1] = [255, 0, 254]
+    k[0, 2] = [128, 128, 128]
+    means[0, 2], log_scales[0, 2] = -0.9, -6.0  # far in the tail: the bins of 128 have a mass far below 1e-5
+    x01 = k / 255.0
+    params = assemble_dmol_params(logits, means, log_scales, coeffs_raw).astype(np.float32)
+    got = keras.ops.convert_to_numpy(DiscretizedMixtureOfLogistics(params, 8, reference_edges=True)
+                                     .log_prob_map(x01.astype(np.float32)))
+    ref = ref_dmol_reference_edges_log_prob_map(logits, means, log_scales, coeffs_raw, x01, 8)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-3)
+    exact = ref_dmol_log_prob_map(logits, means, log_scales, coeffs_raw, x01, 8)
+    assert np.min(np.abs(ref[0, 0] - exact[0, 0])) > 1e-3  # pixel 254: a tail instead of a bin
+    assert np.min(np.abs(ref[0, 2] - exact[0, 2])) > 1e-3  # the density fallback
+
+
+def test_dmol_sample_at_a_temperature_scales_the_noise_and_the_logits():
+    """`sample(noise, t)`: Gumbel-max on logits / t and logistic noise / t (the reference's pixel temperature)."""
+    rng = np.random.default_rng(32)
+    lead, m, t = (2, 3, 3), 4, 0.5
+    logits, means, log_scales, coeffs_raw = random_dmol(rng, lead, m, (-3.0, -1.0), (-0.5, 0.5))
+    params = assemble_dmol_params(logits, means, log_scales, coeffs_raw).astype(np.float32)
+    noise = RecordingNoise(2)
+    got = keras.ops.convert_to_numpy(DiscretizedMixtureOfLogistics(params, 8).sample(noise, t))
+    gu = [u for u in noise.uniforms if u.shape == lead + (m,)][0].astype(np.float64)
+    lu = [u for u in noise.uniforms if u.shape == lead + (3,)][0].astype(np.float64)
+    j = np.argmax(logits / t - np.log(-np.log(gu)), axis=-1)
+    pick = lambda a: np.take_along_axis(a, j[..., None, None], axis=-1)[..., 0]  # noqa: E731
+    x = pick(means) + np.exp(np.maximum(pick(log_scales), -7.0)) / t * (np.log(lu) - np.log1p(-lu))
+    np.testing.assert_allclose(got, _conditioned(x, np.tanh(pick(coeffs_raw))), atol=2e-5)
+    untempered = keras.ops.convert_to_numpy(DiscretizedMixtureOfLogistics(params, 8).sample(RecordingNoise(2)))
+    assert np.max(np.abs(untempered - got)) > 1e-2
+
+
 def test_dmol_rejects_parameter_count_not_multiple_of_ten():
     with pytest.raises(ValueError):
         DiscretizedMixtureOfLogistics(np.zeros((1, 2, 2, 25), np.float32))

@@ -118,9 +118,14 @@ class DiscretizedMixtureOfLogistics:
 
     The mass of a bin is the exact logistic CDF difference, computed in log space; the two extreme bins take
     the tails, so the probabilities of all `2**num_bits` values of a pixel sum to 1.
+
+    With `reference_edges` it computes what the reference code does instead: the lower tail below -0.999 and the
+    upper tail above 0.99 on the [-1, 1] scale (at 8 bits pixel 254 takes the upper tail too, so the
+    probabilities sum to more than 1), and a middle bin's mass as the difference of the two sigmoids, replaced
+    by pdf x bin width where it is at most 1e-5.
     """
 
-    def __init__(self, params, num_bits=8):
+    def __init__(self, params, num_bits=8, reference_edges=False):
         params = ops.cast(params, "float32")
         num_params = params.shape[-1]
         if num_params % 10:
@@ -128,6 +133,7 @@ class DiscretizedMixtureOfLogistics:
         m = num_params // 10
         self.num_mixtures = m
         self.num_bits = int(num_bits)
+        self.reference_edges = bool(reference_edges)
         self.logits = params[..., :m]
         rest = ops.reshape(params[..., m:], (*ops.shape(params)[:-1], 3, 3 * m))
         self.means = rest[..., :m]  # [b, h, w, 3, M]
@@ -151,6 +157,10 @@ class DiscretizedMixtureOfLogistics:
         centered = x - means
         plus_in = inv_scale * (centered + half_bin)
         minus_in = inv_scale * (centered - half_bin)
+        if self.reference_edges:
+            log_probs = self._reference_log_probs(x, centered, inv_scale, plus_in, minus_in)
+            log_probs = ops.sum(log_probs, axis=-2) + ops.log_softmax(self.logits, axis=-1)
+            return ops.logsumexp(log_probs, axis=-1)
         # log(sigmoid(a) - sigmoid(b)) = log sigmoid(a) + log sigmoid(-b) + log(1 - exp(b - a)), for a > b.
         log_mass = (ops.log_sigmoid(plus_in) + ops.log_sigmoid(-minus_in)
                     + ops.log(-ops.expm1(minus_in - plus_in)))
@@ -159,23 +169,37 @@ class DiscretizedMixtureOfLogistics:
         log_probs = ops.sum(log_probs, axis=-2) + ops.log_softmax(self.logits, axis=-1)
         return ops.logsumexp(log_probs, axis=-1)
 
+    def _reference_log_probs(self, x, centered, inv_scale, plus_in, minus_in):
+        """Per colour and component, the reference code's log-probability (see the class docstring)."""
+        cdf_delta = ops.sigmoid(plus_in) - ops.sigmoid(minus_in)
+        mid_in = inv_scale * centered
+        log_pdf_mid = mid_in - self.log_scales - 2.0 * ops.softplus(mid_in)
+        log_mid = ops.where(cdf_delta > 1e-5, ops.log(ops.maximum(cdf_delta, 1e-10)),
+                            log_pdf_mid - math.log((2.0 ** self.num_bits - 1.0) / 2.0))
+        return ops.where(x < -0.999, plus_in - ops.softplus(plus_in),
+                         ops.where(x > 0.99, -ops.softplus(minus_in), log_mid))
+
     def log_prob(self, x):
         """log p(x) summed per image: `[batch]`."""
         return sum_per_image(self.log_prob_map(x))
 
-    def sample(self, noise):
-        """Draw pixels in [0, 1] (temperature 1 in pixel space)."""
+    def sample(self, noise, temperature=1.0):
+        """Draw pixels in [0, 1]. At the default temperature 1 this is a draw from the distribution; another
+        `temperature` t does what the reference's sampler does: the component is drawn from softmax(logits / t)
+        and the logistic noise is divided by t."""
         shape = ops.shape(self.logits)
         gumbel = -ops.log(-ops.log(noise.uniform(shape)))
         # Gumbel-max: the component with the largest perturbed logit (ties have probability 0). A comparison
         # with the max instead of argmax keeps the sampler to builtin TFLite ops.
-        perturbed = self.logits + gumbel
+        unit = isinstance(temperature, (int, float)) and temperature == 1.0
+        perturbed = (self.logits if unit else self.logits / temperature) + gumbel
         select = ops.cast(perturbed >= ops.max(perturbed, axis=-1, keepdims=True), "float32")[..., None, :]
         means = ops.sum(self.means * select, axis=-1)  # [b, h, w, 3]
         log_scales = ops.sum(self.log_scales * select, axis=-1)
         coeffs = ops.sum(self.coeffs * select, axis=-1)
         u = noise.uniform(ops.shape(means))
-        x = means + ops.exp(log_scales) * (ops.log(u) - ops.log(1.0 - u))
+        scales = ops.exp(log_scales) if unit else ops.exp(log_scales) / temperature
+        x = means + scales * (ops.log(u) - ops.log(1.0 - u))
         red = ops.clip(x[..., 0], -1.0, 1.0)
         green = ops.clip(x[..., 1] + coeffs[..., 0] * red, -1.0, 1.0)
         blue = ops.clip(x[..., 2] + coeffs[..., 1] * red + coeffs[..., 2] * green, -1.0, 1.0)

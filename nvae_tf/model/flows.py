@@ -67,12 +67,13 @@ class ARFlowCell(keras.layers.Layer):
     `h = ELU(ARConv3x3(z; nz -> 6nz, strictly autoregressive))`, `h = ELU(depthwise ARConv5x5(h))`,
     `mu = ARConv1x1(h; 6nz -> nz)` (log weight norm initialised 0.1 smaller), `z' = z - mu`.
     The reference applies ELU twice before the last conv (NVAE issue #25, unintended); this cell applies it
-    once. Every conv is weight-normalised.
+    once, or twice with `elu_twice` (for the reference's checkpoints). Every conv is weight-normalised.
     """
 
-    def __init__(self, latent_channels, mirror=False, **kwargs):
+    def __init__(self, latent_channels, mirror=False, elu_twice=False, **kwargs):
         super().__init__(**kwargs)
         self.latent_channels, self.mirror = int(latent_channels), bool(mirror)
+        self.elu_twice = bool(elu_twice)
         nz, hidden = self.latent_channels, FLOW_EXPANSION * self.latent_channels
         self.conv_in = Conv2D(hidden, 3, use_bias=False, name="conv_in",
                               mask=autoregressive_mask(3, nz, hidden, zero_diag=True, mirror=mirror))
@@ -92,10 +93,13 @@ class ARFlowCell(keras.layers.Layer):
         """The autoregressive shift mu(z)."""
         h = ops.elu(self.conv_in(z))
         h = ops.elu(self.conv_depthwise(h))
+        if self.elu_twice:
+            h = ops.elu(h)
         return self.conv_out(h)
 
     def call(self, z):
         return z - self.shift(z)
 
     def get_config(self):
-        return {**super().get_config(), "latent_channels": self.latent_channels, "mirror": self.mirror}
+        return {**super().get_config(), "latent_channels": self.latent_channels, "mirror": self.mirror,
+                "elu_twice": self.elu_twice}

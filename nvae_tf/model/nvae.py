@@ -62,7 +62,7 @@ class LatentGroup(keras.layers.Layer):
     """
 
     def __init__(self, index, decoder_channels, encoder_channels, latent_channels, num_cells, num_flows,
-                 use_se=True, **kwargs):
+                 use_se=True, flow_elu_twice=False, **kwargs):
         super().__init__(**kwargs)
         self.index, self.latent_channels = int(index), int(latent_channels)
         self.decoder_channels, self.encoder_channels = int(decoder_channels), int(encoder_channels)
@@ -74,7 +74,7 @@ class LatentGroup(keras.layers.Layer):
             self.prior_sampler = Conv2D(2 * latent_channels, 1, name="prior_sampler")
             self.encoder_combiner = Conv2D(encoder_channels, 1, name="encoder_combiner")
         self.posterior_sampler = Conv2D(2 * latent_channels, 3, name="posterior_sampler")
-        self.flows = [ARFlowCell(latent_channels, mirror=i % 2 == 1, name=f"flow_{i}")
+        self.flows = [ARFlowCell(latent_channels, mirror=i % 2 == 1, elu_twice=flow_elu_twice, name=f"flow_{i}")
                       for i in range(2 * num_flows)]
         self.decoder_combiner = Conv2D(decoder_channels, 1, name="decoder_combiner")
 
@@ -179,7 +179,7 @@ class NVAE(keras.Model):
                 k = len(self.latent_groups)
                 self.latent_groups.append(LatentGroup(k, dec_channels, enc_channels, c.num_latent_per_group,
                                                       c.num_cell_per_cond_dec, c.num_nf, c.use_se,
-                                                      name=f"group_{k}"))
+                                                      c.flow_elu_twice, name=f"group_{k}"))
             if j < L - 1:
                 self.decoder_up_cells.append(GenerativeCell(dec_channels, "up", DECODER_EXPANSION, c.use_se,
                                                             name=f"dec_up_{j}"))
@@ -354,16 +354,22 @@ class NVAE(keras.Model):
         """p(x|z) from decoder parameters: Bernoulli or discretized mixture of logistics."""
         if self.config.decoder == "bernoulli":
             return Bernoulli(params)
-        return DiscretizedMixtureOfLogistics(params, self.config.num_x_bits)
+        return DiscretizedMixtureOfLogistics(params, self.config.num_x_bits,
+                                             reference_edges=self.config.reference_logistic)
 
-    def decode_pixels(self, params, mode="sample", noise=None):
-        """Images in [0, 1] from decoder parameters: a draw (`sample`, on the bit grid) or the `mean`."""
+    def decode_pixels(self, params, mode="sample", noise=None, temperature=1.0):
+        """Images in [0, 1] from decoder parameters: a draw (`sample`, on the bit grid) or the `mean`.
+        `temperature` applies to a mixture-of-logistics draw only with `config.pixel_temperature`."""
         dist = self.output_distribution(params)
         if mode == "mean":
             return dist.mean()
         if mode != "sample":
             raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
-        x = dist.sample(noise or KerasNoise(self.seed_generator))
+        noise = noise or KerasNoise(self.seed_generator)
+        if self.config.pixel_temperature and self.config.decoder != "bernoulli":
+            x = dist.sample(noise, temperature)
+        else:
+            x = dist.sample(noise)
         levels = 2.0 ** self.config.num_x_bits - 1.0
         return ops.round(x * levels) / levels
 
@@ -389,12 +395,19 @@ class NVAE(keras.Model):
         """Draw `[num_samples, H, W, C]` images in [0, 1] from the prior at `temperature`.
 
         z0 ~ N(0, (1.01 t)^2); every later group from its prior with sigma scaled by t; no flows. Pixels are
-        drawn at temperature 1 (`mode="sample"`) or taken as the decoder mean (`mode="mean"`). With
+        drawn at temperature 1 (`mode="sample"`; at t with `config.pixel_temperature`) or taken as the decoder
+        mean (`mode="mean"`). With
         `training=True` BatchNorm uses and updates batch statistics (BN readjustment).
         """
         noise = noise or KerasNoise(self.seed_generator)
-        params = self._top_down(num_samples, lambda group, s: group.prior(s, temperature).sample(noise), training)
-        return self.decode_pixels(params, mode=mode, noise=noise)
+        params = self.prior_decoder_params(num_samples, temperature, noise, training)
+        return self.decode_pixels(params, mode=mode, noise=noise, temperature=temperature)
+
+    def prior_decoder_params(self, num_samples, temperature=1.0, noise=None, training=False):
+        """The decoder parameters `[num_samples, H, W, K]` of p(x|z) for z drawn from the prior at `temperature`
+        (what `sample` decodes into pixels)."""
+        noise = noise or KerasNoise(self.seed_generator)
+        return self._top_down(num_samples, lambda group, s: group.prior(s, temperature).sample(noise), training)
 
     # ----------------------------------------------------------------------------------- regularisation
     def spectral_norm_loss(self):
