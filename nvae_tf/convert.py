@@ -52,8 +52,10 @@ def config_from_args(args, arch_instance=None):
     """The `NVAEConfig` of a reference run's `args` (an argparse Namespace or a dict), with the reference-
     compatibility fields on. `ConversionError` naming the argument for anything nvae_tf does not build."""
     from nvae_tf.config import NVAEConfig
+    from nvae_tf.config import structural_fields
     values = dict(vars(args)) if not isinstance(args, dict) else dict(args)
-    missing = [name for name in ("dataset", *ARGS_FIELDS) if name not in values]
+    needed = ["dataset", *(name for name in ARGS_FIELDS if name in structural_fields())]
+    missing = [name for name in needed if name not in values]
     if missing:
         raise ConversionError(f"the checkpoint's args lack {', '.join(missing)}: is it a checkpoint of NVAE's "
                               f"train.py?")
@@ -68,7 +70,8 @@ def config_from_args(args, arch_instance=None):
             if list(arch_instance.get(cell, [])) != ops:
                 raise ConversionError(f"arch_instance[{cell!r}] is {arch_instance.get(cell)!r}; nvae_tf builds "
                                       f"{ops!r} (res_mbconv)")
-    fields = {name: values[name] for name in ARGS_FIELDS}
+    # Training settings a checkpoint does not record (none of the weights depend on them) keep our defaults.
+    fields = {name: values[name] for name in ARGS_FIELDS if name in values}
     try:
         return NVAEConfig(dataset=DATASETS[values["dataset"]], flow_elu_twice=True, reference_logistic=True,
                           pixel_temperature=True, **fields)

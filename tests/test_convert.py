@@ -223,6 +223,12 @@ def test_missing_args_and_another_cell_architecture_are_refused():
     del args["num_nf"]
     with pytest.raises(convert.ConversionError, match="lack num_nf"):
         convert.config_from_args(args)
+    # A training setting that an older reference did not record takes nvae_tf's default.
+    args = dict(vars(saved["args"]))
+    del args["weight_decay_norm"]
+    from nvae_tf.config import NVAEConfig
+    assert saved["args"].weight_decay_norm == 1e-2
+    assert convert.config_from_args(args).weight_decay_norm == NVAEConfig().weight_decay_norm == 0.0
     arch = dict(saved["arch_instance"], normal_dec=["mconv_e3k5g0"])
     with pytest.raises(convert.ConversionError, match="arch_instance\\['normal_dec'\\]"):
         convert.config_from_args(saved["args"], arch)
