@@ -10,6 +10,7 @@ import json
 import os
 
 import tensorflow as tf
+from absl import logging
 
 from nvae_tf.model.distributions import KerasNoise
 
@@ -21,11 +22,34 @@ def split_cpu(num):
 
 
 def tune_graph_optimizer():
-    """Switch off TensorFlow's constant folding on a machine without GPUs: on 2 CPU cores it took 1.2 s of every
-    10 s of graph optimisation of the digits training step and gave nothing back (the steady step was no
-    slower; benchmarks/startup.py). On GPUs, where it was not measured, the defaults stay."""
-    if not tf.config.list_physical_devices("GPU"):
-        tf.config.optimizer.set_experimental_options({"constant_folding": False})
+    """Lighten TensorFlow's graph optimisation (Grappler) on a machine without GPUs, where every start of a run,
+    `evaluate`, `sample` or `export` pays for it. Measured by benchmarks/startup.py on 2 cores (README): the
+    steady step was no slower with any of these, and the first step of the folder64 config went from 115 s to
+    91 s.
+      - constant folding off (1.2 s of every 10 s of optimisation of the digits step, nothing gained);
+      - the MLIR hook off (`disable_tfg_optimizer`: TensorFlow runs no pass in it, yet converting every function
+        to MLIR and back took a quarter of the optimisation time);
+      - one round of the optimisers instead of two.
+    The last two are fields of the RewriterConfig that `tf.config.optimizer` does not expose; they are set in
+    the calling thread's function-call options (the thread that runs the steps), and left at TensorFlow's
+    defaults if that API is not there. On GPUs, where nothing was measured, everything stays as it is."""
+    if tf.config.list_physical_devices("GPU"):
+        return False
+    tf.config.optimizer.set_experimental_options({"constant_folding": False})
+    try:
+        from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+        from tensorflow.python.eager import context
+        ctx = context.context()
+        config = config_pb2.ConfigProto()
+        config.ParseFromString(ctx.function_call_options.config_proto_serialized)
+        rewrite = config.graph_options.rewrite_options
+        rewrite.disable_tfg_optimizer = True
+        rewrite.meta_optimizer_iterations = rewriter_config_pb2.RewriterConfig.ONE
+        ctx.function_call_options = context.FunctionCallOptions(config_proto=config)
+    except (ImportError, AttributeError, ValueError) as e:
+        logging.debug("graph optimiser left at its defaults: %s", e)
+        return False
+    return True
 
 
 def make_strategy(cpu_replicas=0):

@@ -299,7 +299,9 @@ def restore_model(model, model_dir, checkpoint=None):
 
 def load_model(model_dir, checkpoint=None, remat=False):
     """(config, model with restored weights, checkpoint path). Build it inside a strategy scope to replicate."""
+    from nvae_tf import distribute
     from nvae_tf.model import NVAE
+    distribute.tune_graph_optimizer()
     config = load_config(model_dir)
     model = NVAE(config, remat=remat)
     model.build()

@@ -106,8 +106,10 @@ class Trainer:
                                                   max_to_keep=run_options.keep_checkpoints)
         self.writer = (tf.summary.create_file_writer(self.model_dir) if self.chief
                        else tf.summary.create_noop_writer())
-        self.train_step = tf.function(self._distributed_step, jit_compile=run_options.jit_compile)
-        self._traced_eval_step = tf.function(self._distributed_eval)
+        # No autograph: the steps' control flow is explicit (tf.cond), and converting their Python code took
+        # seconds of every start.
+        self.train_step = tf.function(self._distributed_step, jit_compile=run_options.jit_compile, autograph=False)
+        self._traced_eval_step = tf.function(self._distributed_eval, autograph=False)
         self._probe = None
         self._resumed = False
         self._traced = False

@@ -109,3 +109,20 @@ def test_kernels_shared_by_the_forward_pass_and_the_regulariser_give_the_same_lo
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     for v, a, b in zip(model.trainable_variables, grads_a, grads_b):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=v.path)
+
+
+def test_graph_optimiser_is_lightened_on_a_machine_without_gpus():
+    """`tune_graph_optimizer` on CPU: constant folding, the MLIR hook and the second optimiser round are off in
+    the function-call options of this thread (a change of TensorFlow's private API would show here)."""
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("the graph optimiser is left alone on GPUs")
+    from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+    from tensorflow.python.eager import context
+    assert distribute.tune_graph_optimizer()
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(context.context().function_call_options.config_proto_serialized)
+    rewrite = config.graph_options.rewrite_options
+    assert rewrite.disable_tfg_optimizer
+    assert rewrite.meta_optimizer_iterations == rewriter_config_pb2.RewriterConfig.ONE
+    assert rewrite.constant_folding == rewriter_config_pb2.RewriterConfig.OFF
+    assert tf.function(lambda x: x * 2.0 + 1.0)(tf.constant(3.0)).numpy() == 7.0

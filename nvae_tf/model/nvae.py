@@ -418,12 +418,14 @@ class NVAE(keras.Model):
         keeping u and v in non-trainable weights. sigma = u^T W v with gradients through W only.
         """
         iterations = ops.where(self.power_iteration_started > 0, POWER_ITERATIONS, FIRST_POWER_ITERATIONS)
+        matrices = [ops.stack([_as_matrix(layer) for layer in layers]) for layers in self._sr_groups]
+        # One loop iterates every shape group (a loop per group costs as much to trace again as its body).
+        us, vs, _ = ops.fori_loop(0, iterations, _power_steps,
+                                  (tuple(ops.convert_to_tensor(u) for u in self._sr_u),
+                                   tuple(ops.convert_to_tensor(v) for v in self._sr_v),
+                                   tuple(ops.stop_gradient(w) for w in matrices)))
         total = 0.0
-        for layers, u_var, v_var in zip(self._sr_groups, self._sr_u, self._sr_v):
-            w = ops.stack([_as_matrix(layer) for layer in layers])
-            u, v, _ = ops.fori_loop(0, iterations, _power_step,
-                                    (ops.convert_to_tensor(u_var), ops.convert_to_tensor(v_var),
-                                     ops.stop_gradient(w)))
+        for w, u, v, u_var, v_var in zip(matrices, us, vs, self._sr_u, self._sr_v):
             u_var.assign(u)
             v_var.assign(v)
             total = total + ops.sum(ops.einsum("gi,gij,gj->g", ops.stop_gradient(u), w, ops.stop_gradient(v)))
@@ -439,14 +441,17 @@ def _normalize(x):
     return x / ops.maximum(ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True)), POWER_ITERATION_EPS)
 
 
-def _power_step(_, state):
-    """One batched power iteration: v <- normalise(u^T W), u <- normalise(W v). A module-level function with W
-    in the loop state (not a closure over it), so that eager JAX traces and compiles the loop once per shape
-    instead of once per call."""
-    u, v, w = state
-    v = _normalize(ops.einsum("gi,gij->gj", u, w))
-    u = _normalize(ops.einsum("gij,gj->gi", w, v))
-    return u, v, w
+def _power_steps(_, state):
+    """One batched power iteration of every shape group: v <- normalise(u^T W), u <- normalise(W v). A
+    module-level function with the matrices in the loop state (not a closure over them), so that eager JAX traces
+    and compiles the loop once per model instead of once per call."""
+    us, vs, ws = state
+    new_us, new_vs = [], []
+    for u, w in zip(us, ws):
+        v = _normalize(ops.einsum("gi,gij->gj", u, w))
+        new_vs.append(v)
+        new_us.append(_normalize(ops.einsum("gij,gj->gi", w, v)))
+    return tuple(new_us), tuple(new_vs), ws
 
 
 def _matrix_shape(layer):
