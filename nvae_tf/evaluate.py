@@ -27,7 +27,7 @@ def run(opts, strategy=None, progress=True):
     from nvae_tf import distribute
     from nvae_tf.likelihood import Evaluator, Progress
     from nvae_tf.objective import bits_per_dim
-    source = data_lib.open_source(config, opts.data_dir, strict=opts.strict_data, download=opts.download)
+    source = data_lib.open_source(config, runs.data_dir_of(opts.model_dir, opts.data_dir), strict=opts.strict_data, download=opts.download)
     split = opts.split
     if split not in source.sizes:
         raise RunError(f"--split: {config.dataset} has no split {split!r}; it has {', '.join(sorted(source.sizes))}")

@@ -72,7 +72,8 @@ def check(options):
 class DataOptions:
     """Where the data is and how strictly it is read (every command that reads images)."""
     data_dir: str = option("", "Where the dataset is: a TFDS data directory (default ~/tensorflow_datasets), a "
-                           "folder of images, or GLOW TFRecords.", group="data")
+                           "folder of images, or GLOW TFRecords. A run records it; evaluate and sample read the "
+                           "run's unless given.", group="data")
     strict_data: bool = option(False, "Stop at an unreadable image instead of skipping it.", group="data")
     download: bool = option(True, "Let TFDS download and prepare a dataset that is not there yet "
                             "(--nodownload: fail at once if it is missing).", group="data")

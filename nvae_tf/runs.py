@@ -94,6 +94,35 @@ def save_model(model_dir, model, step=0):
     return manager.save(checkpoint_number=step)
 
 
+DATA_FILE = "data.json"
+
+
+def record_data_dir(model_dir, data_dir):
+    """Remember in the run directory where its data is (`data.json`), so that `evaluate` and `sample` find it
+    without `--data_dir`. An empty `data_dir` (the dataset's default place) is recorded as such."""
+    write_json(os.path.join(model_dir, DATA_FILE), {"data_dir": os.path.abspath(os.path.expanduser(data_dir))
+                                                    if data_dir else ""})
+
+
+def data_dir_of(model_dir, data_dir=""):
+    """`data_dir` if given, else the one the run recorded (`record_data_dir`), else "" (the dataset's default)."""
+    if data_dir:
+        return data_dir
+    path = os.path.join(model_dir, DATA_FILE)
+    try:
+        with open(path) as f:
+            recorded = json.load(f).get("data_dir", "")
+    except FileNotFoundError:
+        return ""
+    except (OSError, ValueError, AttributeError) as e:
+        raise RunError(f"{path} is damaged ({first_line(e)}); give --data_dir, or delete the file") from None
+    if not isinstance(recorded, str):
+        raise RunError(f"{path} is damaged (data_dir is not a path); give --data_dir, or delete the file")
+    if recorded:
+        logging.info("reading the data from %s, where the run trained (--data_dir to read another)", recorded)
+    return recorded
+
+
 def write_json(path, value):
     """Write `value` as JSON to `path` through a temporary file, so a reader never sees half of it."""
     with open(path + ".tmp", "w") as f:

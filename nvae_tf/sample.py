@@ -2,8 +2,8 @@
 
 Modes:
   sample        `--num_samples` images from the prior at `--temperature` (a square grid);
-  temperatures  one row of `--num_samples` images per temperature in `--temperatures`, the same noise in
-                every row, so a column shows one sample as the temperature rises;
+  temperatures  one row of `--num_samples` images per temperature in `--temperatures` (written left of the
+                row), the same noise in every row, so a column shows one sample as the temperature rises;
   reconstruct   the first `--num_samples` images of `--split` next to their reconstructions (pairs of
                 columns: input, reconstruction).
 
@@ -40,7 +40,7 @@ def run(opts):
     source = None
     if opts.mode == "reconstruct":
         from nvae_tf import data as data_lib
-        source = data_lib.open_source(config, opts.data_dir, strict=opts.strict_data, download=opts.download)
+        source = data_lib.open_source(config, runs.data_dir_of(opts.model_dir, opts.data_dir), strict=opts.strict_data, download=opts.download)
         if opts.split not in source.sizes:
             raise RunError(f"--split: {config.dataset} has no split {opts.split!r}; it has "
                            f"{', '.join(sorted(source.sizes))}")
@@ -55,7 +55,8 @@ def run(opts):
         grid = imaging.make_grid(images, opts.columns or None)
     elif opts.mode == "temperatures":
         rows = [sampling.draw(model, opts.num_samples, t, opts.seed, pixels) for t in temps]
-        grid = imaging.make_grid(np.concatenate(rows), columns=opts.num_samples)
+        grid = imaging.make_grid(np.concatenate(rows), columns=opts.num_samples,
+                                 row_labels=[f"t={t:g}" for t in temps])
     else:
         batch = next(iter(source.dataset(opts.split, opts.num_samples, training=False, deterministic=True,
                                          seed=opts.seed, cache=False)))

@@ -50,6 +50,8 @@ def run(config, run_options, handle_signals=False):
         runs.write_config(run_options.model_dir, config, write=chief)
         source = data_lib.open_source(config, run_options.data_dir, strict=run_options.strict_data,
                                       download=run_options.download)
+        if chief:
+            runs.record_data_dir(run_options.model_dir, run_options.data_dir)
         trainer = Trainer(config, strategy, source, run_options)
         stop = []
         if handle_signals:

@@ -481,3 +481,42 @@ def test_cli_errors_exit_2_with_a_message(cli, case):
     assert_cli_error(r, ERROR_CASES[case][1])
     assert not os.path.exists(os.path.join(cli.dirs["run"], "eval_validation.json"))
     assert not os.path.exists(os.path.join(cli.dirs["empty"], "eval_validation.json"))
+
+
+def test_a_folder_run_evaluates_and_reconstructs_from_its_recorded_data_dir(tmp_path):
+    """A run records where its data is (`data.json`): `evaluate` and `sample --mode=reconstruct` of a folder
+    run need no --data_dir; --data_dir still overrides it, and a recorded folder that is gone is named."""
+    import tensorflow as tf
+
+    from conftest import load_flagfile
+    from nvae_tf import evaluate, runs, sample
+    from nvae_tf.errors import RunError
+    from nvae_tf.model import NVAE
+    from nvae_tf.options import EvaluateOptions, SampleOptions
+    images = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        os.makedirs(images, exist_ok=True)
+        tf.io.write_file(str(images / f"{i}.png"), tf.io.encode_png(rng.integers(0, 256, (16, 16, 3), np.uint8)))
+    model = NVAE(load_flagfile("tiny"))
+    model.build()
+    model_dir = str(tmp_path / "run")
+    runs.save_model(model_dir, model, step=0)
+    with pytest.raises(RunError, match="--data_dir is required"):
+        evaluate.run(EvaluateOptions(model_dir=model_dir, num_iw_samples=1), progress=False)
+    runs.record_data_dir(model_dir, str(images))
+    result = evaluate.run(EvaluateOptions(model_dir=model_dir, num_iw_samples=1, batch_size=2), progress=False)
+    assert result["num_images"] >= 1 and np.isfinite(result["nll_nats"])
+    grid, _ = sample.run(SampleOptions(model_dir=model_dir, mode="reconstruct", num_samples=2,
+                                       out=str(tmp_path / "recon.png")))
+    assert grid.shape[0] >= 16 and os.path.exists(tmp_path / "recon.png")
+    shutil.move(str(images), str(tmp_path / "moved"))
+    with pytest.raises(RunError, match=str(images)):
+        evaluate.run(EvaluateOptions(model_dir=model_dir, num_iw_samples=1), progress=False)
+    moved = evaluate.run(EvaluateOptions(model_dir=model_dir, num_iw_samples=1, batch_size=2,
+                                         data_dir=str(tmp_path / "moved")), progress=False)
+    assert moved["num_images"] == result["num_images"]
+    with open(os.path.join(model_dir, runs.DATA_FILE), "w") as f:
+        f.write("{not json")
+    with pytest.raises(RunError, match="data.json is damaged"):
+        evaluate.run(EvaluateOptions(model_dir=model_dir, num_iw_samples=1), progress=False)

@@ -270,14 +270,24 @@ def test_sample_mode_writes_a_grid_of_the_requested_samples(trained_run, tmp_pat
 
 
 def test_temperatures_mode_writes_one_row_per_temperature_with_the_same_noise(trained_run, tmp_path):
-    from nvae_tf import sampling
+    from nvae_tf import imaging, sampling
     temperatures = [0.3, 0.8, 1.0]
     out = str(tmp_path / "t.png")
     grid, _ = run_sample(trained_run.model_dir, mode="temperatures", temperatures="0.3, 0.8,1.0", num_samples=5,
                          seed=2, out=out)
     height, width = grid_shape(5 * len(temperatures), 5)
-    assert png_size(out) == ((width, height), "L")
     png = read_png(out)
+    # A margin left of the rows holds each row's temperature; the tiles follow it.
+    margin = png.shape[1] - width
+    assert png_size(out) == ((width + margin, height), "L") and margin > 0
+    labels, png = png[:, :margin], png[:, margin:]
+    row_height = (height - 2) // len(temperatures)
+    strips = [labels[2 + r * row_height:2 + (r + 1) * row_height] for r in range(len(temperatures))]
+    for strip, t in zip(strips, temperatures):
+        text = imaging.render_text(f"t={t:g}")
+        assert int((strip == 0).sum()) == int(text.sum()), t  # exactly the label's dark pixels
+        assert np.all(np.isin(strip, (0, 255)))
+    assert not np.array_equal(strips[0], strips[1])
     model = load(trained_run)
     rows = []
     for r, t in enumerate(temperatures):
@@ -423,3 +433,19 @@ def test_readjustment_keeps_the_encoder_statistics(trained_run):
     for bn in encoder:
         np.testing.assert_array_equal(bn.moving_mean.numpy(), before[bn.path][0], err_msg=bn.path)
         np.testing.assert_array_equal(bn.moving_variance.numpy(), before[bn.path][1], err_msg=bn.path)
+
+
+def test_row_labels_are_drawn_in_a_margin_and_refuse_characters_the_font_lacks():
+    from nvae_tf import imaging
+    images = np.full((4, 8, 8, 1), 128, np.uint8)
+    plain = imaging.make_grid(images, columns=2, min_size=8)
+    labelled = imaging.make_grid(images, columns=2, min_size=8, row_labels=["t=0.5", "t=1"])
+    margin = labelled.shape[1] - plain.shape[1]
+    assert labelled.shape[0] == plain.shape[0] and margin == imaging.render_text("t=0.5").shape[1] + 4
+    np.testing.assert_array_equal(labelled[:, margin:], plain)
+    # "8" lights 13 of its 15 glyph pixels, "1" 8 (at scale 2: 4 screen pixels each).
+    assert imaging.render_text("8").sum() == 4 * 13 and imaging.render_text("1").sum() == 4 * 8
+    with pytest.raises(ValueError, match="cannot draw 'x'"):
+        imaging.render_text("x=1")
+    with pytest.raises(ValueError, match="1 row labels for 2 rows"):
+        imaging.make_grid(images, columns=2, row_labels=["t=1"])
