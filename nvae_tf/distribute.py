@@ -23,19 +23,18 @@ def split_cpu(num):
 
 def tune_graph_optimizer():
     """Lighten TensorFlow's graph optimisation (Grappler) on a machine without GPUs, where every start of a run,
-    `evaluate`, `sample` or `export` pays for it. Measured by benchmarks/startup.py on 2 cores (README): the
-    steady step was no slower with any of these, and the first step of the folder64 config went from 115 s to
-    91 s.
-      - constant folding off (1.2 s of every 10 s of optimisation of the digits step, nothing gained);
+    `evaluate`, `sample` or `export` pays for it. Measured by benchmarks/startup.py on 2 cores (README), with
+    the steady step no slower:
       - the MLIR hook off (`disable_tfg_optimizer`: TensorFlow runs no pass in it, yet converting every function
         to MLIR and back took a quarter of the optimisation time);
       - one round of the optimisers instead of two.
-    The last two are fields of the RewriterConfig that `tf.config.optimizer` does not expose; they are set in
-    the calling thread's function-call options (the thread that runs the steps), and left at TensorFlow's
-    defaults if that API is not there. On GPUs, where nothing was measured, everything stays as it is."""
+    Together they took the optimisation and first run of the folder64 step (batch 4) from 50 s to 33 s.
+    Constant folding stays on: without it the first step of folder64 at batch 16 peaked 1.4 GB higher.
+    Both fields belong to the RewriterConfig, which `tf.config.optimizer` does not expose; they are set in the
+    calling thread's function-call options (the thread that runs the steps), and left at TensorFlow's defaults
+    if that API is not there. On GPUs, where nothing was measured, everything stays as it is."""
     if tf.config.list_physical_devices("GPU"):
         return False
-    tf.config.optimizer.set_experimental_options({"constant_folding": False})
     try:
         from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
         from tensorflow.python.eager import context
