@@ -28,7 +28,8 @@ def tune_graph_optimizer():
       - the MLIR hook off (`disable_tfg_optimizer`: TensorFlow runs no pass in it, yet converting every function
         to MLIR and back took a quarter of the optimisation time);
       - one round of the optimisers instead of two.
-    Together they took the optimisation and first run of the folder64 step (batch 4) from 50 s to 33 s.
+    Together they took the optimisation and first run of the folder64 step (batch 4) from 50 s to 33 s
+    (measured with constant folding off).
     Constant folding stays on: without it the first step of folder64 at batch 16 peaked 1.4 GB higher.
     Both fields belong to the RewriterConfig, which `tf.config.optimizer` does not expose; they are set in the
     calling thread's function-call options (the thread that runs the steps), and left at TensorFlow's defaults
