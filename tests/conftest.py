@@ -108,3 +108,16 @@ def assert_cli_error(result, expected):
     for text in expected:
         assert text in message[0], (text, message[0])
     assert "Traceback" not in result.stderr
+
+
+def small_tmpfs(tmp_path, size):
+    """Generator for a fixture: a tmpfs of `size` (e.g. "420k") mounted at `tmp_path/disk`, unmounted after the
+    test; skips the test where mounting is not permitted."""
+    import subprocess
+    target = tmp_path / "disk"
+    target.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.decode().strip()}")
+    yield target
+    subprocess.run(["umount", str(target)], check=False)

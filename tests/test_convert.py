@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import assert_cli_error, load_flagfile, run_side_by_side, tensorflow_backend
+from conftest import assert_cli_error, load_flagfile, run_side_by_side, small_tmpfs, tensorflow_backend
 
 REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
                          "reference")
@@ -460,14 +460,7 @@ def test_cli_errors_are_one_line(cli_runs, case, expected):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB file system: too small for the binary32 checkpoint (1.6 MB)."""
-    import subprocess
-    target = tmp_path / "disk"
-    target.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.decode().strip()}")
-    yield target
-    subprocess.run(["umount", str(target)], check=False)
+    yield from small_tmpfs(tmp_path, "1m")
 
 
 def test_a_full_disk_gives_one_line_and_leaves_nothing_behind(small_disk):

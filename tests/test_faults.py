@@ -21,7 +21,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import assert_cli_error, child_env, load_flagfile, run_side_by_side
+from conftest import assert_cli_error, child_env, load_flagfile, run_side_by_side, small_tmpfs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(num_channels_enc=4, num_channels_dec=4, num_latent_scales=1, num_groups_per_scale=1,
@@ -491,13 +491,8 @@ def test_bad_run_flags_stop_before_the_model_is_built(tmp_path, read_only_dir):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 420 KiB file system: room for three checkpoints of the small digits model, not for a fourth."""
-    target = tmp_path / "disk"
-    target.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=420k", "tmpfs", str(target)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.decode().strip()}")
-    yield str(target)
-    subprocess.run(["umount", str(target)], check=False)
+    for target in small_tmpfs(tmp_path, "420k"):
+        yield str(target)
 
 
 def test_a_full_disk_stops_training_naming_the_directory_and_keeps_the_previous_checkpoints(small_disk):
