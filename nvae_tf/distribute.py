@@ -21,19 +21,24 @@ def split_cpu(num):
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * num)
 
 
+LIGHT_GRAPPLER_OFF = ("layout_optimizer", "function_optimization", "loop_optimization", "implementation_selector")
+
+
 def tune_graph_optimizer():
     """Lighten TensorFlow's graph optimisation (Grappler) on a machine without GPUs, where every start of a run,
     `evaluate`, `sample` or `export` pays for it. Measured by benchmarks/startup.py on 2 cores (README), with
     the steady step no slower:
       - the MLIR hook off (`disable_tfg_optimizer`: TensorFlow runs no pass in it, yet converting every function
         to MLIR and back took a quarter of the optimisation time);
-      - one round of the optimisers instead of two.
-    Together they took the optimisation and first run of the folder64 step (batch 4) from 50 s to 33 s
-    (measured with constant folding off).
+      - one round of the optimisers instead of two;
+      - off, the passes that change nothing on a CPU graph of ours yet cost time (folder64 step, batch 16):
+        the memory optimiser (6.7 s; its rewrites of the step raised the first step's peak by 1.1 GB), the
+        layout optimiser (1.6 s, for GPU data layouts), the function optimiser (1.1 s; function calls are
+        inlined before Grappler runs), the loop optimiser (0.3 s) and the implementation selector (0.2 s).
     Constant folding stays on: without it the first step of folder64 at batch 16 peaked 1.4 GB higher.
-    Both fields belong to the RewriterConfig, which `tf.config.optimizer` does not expose; they are set in the
-    calling thread's function-call options (the thread that runs the steps), and left at TensorFlow's defaults
-    if that API is not there. On GPUs, where nothing was measured, everything stays as it is."""
+    These fields belong to the RewriterConfig, most of which `tf.config.optimizer` does not expose; they are set
+    in the calling thread's function-call options (the thread that runs the steps), and left at TensorFlow's
+    defaults if that API is not there. On GPUs, where nothing was measured, everything stays as it is."""
     if tf.config.list_physical_devices("GPU"):
         return False
     try:
@@ -43,8 +48,12 @@ def tune_graph_optimizer():
         config = config_pb2.ConfigProto()
         config.ParseFromString(ctx.function_call_options.config_proto_serialized)
         rewrite = config.graph_options.rewrite_options
+        rewriter = rewriter_config_pb2.RewriterConfig
         rewrite.disable_tfg_optimizer = True
-        rewrite.meta_optimizer_iterations = rewriter_config_pb2.RewriterConfig.ONE
+        rewrite.meta_optimizer_iterations = rewriter.ONE
+        rewrite.memory_optimization = rewriter.NO_MEM_OPT
+        for toggle in LIGHT_GRAPPLER_OFF:
+            setattr(rewrite, toggle, rewriter.OFF)
         ctx.function_call_options = context.FunctionCallOptions(config_proto=config)
     except (ImportError, AttributeError, ValueError) as e:
         logging.debug("graph optimiser left at its defaults: %s", e)

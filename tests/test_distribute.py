@@ -112,8 +112,9 @@ def test_kernels_shared_by_the_forward_pass_and_the_regulariser_give_the_same_lo
 
 
 def test_graph_optimiser_is_lightened_on_a_machine_without_gpus():
-    """`tune_graph_optimizer` on CPU: the MLIR hook and the second optimiser round are off in the function-call
-    options of this thread, constant folding is not (a change of TensorFlow's private API would show here)."""
+    """`tune_graph_optimizer` on CPU: the MLIR hook, the second optimiser round, the memory, layout, function and
+    loop optimisers and the implementation selector are off in the function-call options of this thread,
+    constant folding, arithmetic, dependency and remapping passes are not (a change of TensorFlow's private API would show here)."""
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("the graph optimiser is left alone on GPUs")
     from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
@@ -124,5 +125,10 @@ def test_graph_optimiser_is_lightened_on_a_machine_without_gpus():
     rewrite = config.graph_options.rewrite_options
     assert rewrite.disable_tfg_optimizer
     assert rewrite.meta_optimizer_iterations == rewriter_config_pb2.RewriterConfig.ONE
-    assert rewrite.constant_folding != rewriter_config_pb2.RewriterConfig.OFF
+    rewriter = rewriter_config_pb2.RewriterConfig
+    assert rewrite.memory_optimization == rewriter.NO_MEM_OPT
+    for toggle in ("layout_optimizer", "function_optimization", "loop_optimization", "implementation_selector"):
+        assert getattr(rewrite, toggle) == rewriter.OFF, toggle
+    for toggle in ("constant_folding", "arithmetic_optimization", "dependency_optimization", "remapping"):
+        assert getattr(rewrite, toggle) != rewriter.OFF, toggle
     assert tf.function(lambda x: x * 2.0 + 1.0)(tf.constant(3.0)).numpy() == 7.0
