@@ -48,11 +48,23 @@ class NVAEAdamax(keras.optimizers.Optimizer):
         """Update the variables the optimiser was built with by `grads` (one per variable, in order)."""
         if trainable_variables is not None and not self.built:
             self.build(list(trainable_variables))
-        variables = self._trainable_variables
+        self.apply_stacked(self.stack_gradients(grads))
+
+    def stack_gradients(self, grads):
+        """`grads` (one per variable, in order) stacked as the slots are: one `[n, *shape]` float32 tensor per
+        bucket."""
         grads = list(grads)
-        if len(grads) != len(variables) or any(g is None for g in grads):
-            raise ValueError(f"NVAEAdamax needs one gradient for each of its {len(variables)} variables, "
+        n = len(self._trainable_variables)
+        if len(grads) != n or any(g is None for g in grads):
+            raise ValueError(f"NVAEAdamax needs one gradient for each of its {n} variables, "
                              f"got {len(grads)} ({sum(g is None for g in grads)} None)")
+        return [tf.stack([tf.cast(grads[i], tf.float32) for i in members]) for members in self.buckets]
+
+    def apply_stacked(self, stacked_grads, gate=None):
+        """One update by the stacked gradients of `stack_gradients`. With a scalar boolean `gate`, the update is
+        taken where it is true; where it is false every variable, slot and the iteration count keep their
+        values (the new ones are computed and discarded, so a non-finite gradient changes nothing)."""
+        variables = self._trainable_variables
         with tf.name_scope(self.name):
             f32 = tf.float32
             learning_rate = tf.cast(self._get_current_learning_rate(), f32)
@@ -61,14 +73,21 @@ class NVAEAdamax(keras.optimizers.Optimizer):
             l2, beta_1, beta_2, epsilon = (tf.constant(c, f32) for c in (self.l2, self.beta_1, self.beta_2,
                                                                           self.epsilon))
             one_minus_beta_1 = tf.constant(1.0 - self.beta_1, f32)
-            for members, m, u in zip(self.buckets, self._m, self._u):
+            for members, m, u, g in zip(self.buckets, self._m, self._u, stacked_grads):
                 p = tf.stack([tf.convert_to_tensor(variables[i]) for i in members])
-                g = tf.stack([tf.cast(grads[i], f32) for i in members]) + l2 * p
-                m.assign(beta_1 * m + one_minus_beta_1 * g)
-                u.assign(tf.maximum(beta_2 * u, tf.abs(g) + epsilon))
-                for i, value in zip(members, tf.unstack(p - step_size * m / u)):
+                m_old, u_old = tf.convert_to_tensor(m), tf.convert_to_tensor(u)
+                g = g + l2 * p
+                m_new = beta_1 * m_old + one_minus_beta_1 * g
+                u_new = tf.maximum(beta_2 * u_old, tf.abs(g) + epsilon)
+                p_new = p - step_size * m_new / u_new
+                if gate is not None:
+                    m_new, u_new, p_new = (tf.where(gate, new, old) for new, old in
+                                           ((m_new, m_old), (u_new, u_old), (p_new, p)))
+                m.assign(m_new)
+                u.assign(u_new)
+                for i, value in zip(members, tf.unstack(p_new)):
                     variables[i].assign(value)
-        self.iterations.assign_add(1)
+        self.iterations.assign_add(1 if gate is None else tf.cast(gate, self.iterations.dtype))
 
     def legacy_slots(self, reader):
         """The slots `(m, u)` of a checkpoint written before the slots were stacked (one `m` and one `u` per

@@ -143,32 +143,28 @@ class Trainer:
         if self.fp16:  # without mixed_float16 the loss is not scaled
             grads = [g / self.loss_scale for g in grads]
         metrics = {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in metrics.items()}
-        grad_norm = tf.linalg.global_norm(grads)
+        stacked = self.optimizer.stack_gradients(grads)
+        grad_norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in stacked]))
         state_finite = [tf.reduce_all(tf.math.is_finite(v)) for v in self.forward_state
                         if tf.as_dtype(v.dtype).is_floating]
         finite = tf.logical_and(tf.math.is_finite(grad_norm), tf.math.is_finite(metrics["loss"]))
         finite = tf.logical_and(finite, tf.reduce_all(tf.stack(state_finite)))
 
-        def apply():
-            self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
-            self.consecutive_skipped.assign(0)
-            if self.fp16:
-                grow = self.finite_streak + 1 >= LOSS_SCALE_GROWTH_STEPS
-                self.loss_scale.assign(tf.where(grow, self.loss_scale * 2.0, self.loss_scale))
-                self.finite_streak.assign(tf.where(grow, tf.constant(0, tf.int64), self.finite_streak + 1))
-            return tf.constant(True)
-
-        def skip():
-            for variable, value in zip(self.forward_state, before):
-                variable.assign(value)
-            self.skipped.assign_add(1)
-            self.consecutive_skipped.assign_add(1)
-            if self.fp16:
-                self.loss_scale.assign(self.loss_scale * 0.5)
-                self.finite_streak.assign(0)
-            return tf.constant(False)
-
-        metrics["applied"] = tf.cond(finite, apply, skip)
+        # Every piece of state takes its new value or keeps its old one by `finite`: no branch (a conditional
+        # over the whole update cost seconds to trace and thousands of graph nodes).
+        self.optimizer.apply_stacked(stacked, gate=finite)
+        for variable, value in zip(self.forward_state, before):
+            variable.assign(tf.where(finite, variable, value))
+        skipped = tf.cast(tf.logical_not(finite), tf.int64)
+        self.skipped.assign_add(skipped)
+        self.consecutive_skipped.assign((self.consecutive_skipped + 1) * skipped)
+        if self.fp16:
+            grow = tf.logical_and(finite, self.finite_streak + 1 >= LOSS_SCALE_GROWTH_STEPS)
+            self.loss_scale.assign(tf.where(finite, tf.where(grow, self.loss_scale * 2.0, self.loss_scale),
+                                            self.loss_scale * 0.5))
+            self.finite_streak.assign(tf.where(finite, tf.where(grow, tf.constant(0, tf.int64),
+                                                                self.finite_streak + 1), tf.constant(0, tf.int64)))
+        metrics["applied"] = finite
         metrics["grad_norm"] = grad_norm
         metrics["learning_rate"] = learning_rate
         self.step.assign_add(1)

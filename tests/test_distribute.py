@@ -90,6 +90,10 @@ def test_kernels_shared_by_the_forward_pass_and_the_regulariser_give_the_same_lo
     config = load_flagfile("tiny")
     model = NVAE(config)
     model.build()
+    # The tiny model has both kinds of spectral group: kernels of one shape (computed stacked, some of them
+    # masked by the flows) and one matrix shape from kernels of two shapes (computed one by one).
+    kinds = [{(tuple(c.kernel.shape), c.depthwise, c.weight_norm) for c in group} for group in model._sr_groups]
+    assert any(len(k) > 1 for k in kinds) and any(c.mask is not None for c in model.conv_layers)
     images = tf.constant(np.random.default_rng(0).integers(0, 256, (4, *config.image_shape)), tf.uint8)
     state = [v.numpy().copy() for v in model.variables]
     results = []
@@ -108,7 +112,10 @@ def test_kernels_shared_by_the_forward_pass_and_the_regulariser_give_the_same_lo
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     for v, a, b in zip(model.trainable_variables, grads_a, grads_b):
-        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=v.path)
+        # float32 rounding (the stacked kernels are reduced in another order): relative to the gradient's scale
+        scale = float(np.abs(a.numpy()).max())
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6 + 1e-5 * scale,
+                                   err_msg=v.path)
 
 
 def test_graph_optimiser_is_lightened_on_a_machine_without_gpus():

@@ -125,3 +125,33 @@ def test_a_missing_gradient_is_refused_by_name():
     opt.build(variables)
     with pytest.raises(ValueError, match="one gradient for each of its 2 variables"):
         opt.apply([np.zeros(2, "float32"), None])
+
+
+def test_a_closed_gate_keeps_every_variable_slot_and_the_iteration_count():
+    """`apply_stacked(gate=False)` with non-finite gradients changes nothing; the next open gate updates exactly
+    as if the closed step had not been (NumPy reference over the open steps only)."""
+    import tensorflow as tf
+    rng = np.random.default_rng(2)
+    shapes = [(3, 4), (5,), (3, 4)]
+    starts = [rng.normal(size=s) for s in shapes]
+    grads = [rng.normal(size=(3, *s)) for s in shapes]
+    variables = [keras.Variable(s.astype("float32")) for s in starts]
+    opt = NVAEAdamax(learning_rate=1e-2, l2=3e-4)
+    opt.build(variables)
+    step = tf.function(lambda gs, gate: opt.apply_stacked(opt.stack_gradients(gs), gate=gate))
+    step([g[0].astype("float32") for g in grads], tf.constant(True))
+    slots = [s.numpy().copy() for s in (*opt._m, *opt._u)]
+    values = [v.numpy().copy() for v in variables]
+    bad = [np.full(s, np.nan, "float32") for s in shapes]
+    bad[1][2] = np.inf
+    step(bad, tf.constant(False))
+    assert int(opt.iterations.numpy()) == 1
+    for v, before in zip(variables, values):
+        np.testing.assert_array_equal(v.numpy(), before)
+    for s, before in zip((*opt._m, *opt._u), slots):
+        np.testing.assert_array_equal(s.numpy(), before)
+    step([g[1].astype("float32") for g in grads], tf.constant(True))
+    assert int(opt.iterations.numpy()) == 2
+    for start, g, v in zip(starts, grads, variables):
+        np.testing.assert_allclose(v.numpy(), numpy_adamax(start, lambda t, p, g=g: g[t - 1], 1e-2, 2),
+                                   rtol=1e-5, atol=1e-6)
