@@ -143,8 +143,7 @@ class Trainer:
         if self.fp16:  # without mixed_float16 the loss is not scaled
             grads = [g / self.loss_scale for g in grads]
         metrics = {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in metrics.items()}
-        stacked = self.optimizer.stack_gradients(grads)
-        grad_norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in stacked]))
+        grad_norm = tf.linalg.global_norm(grads)
         state_finite = [tf.reduce_all(tf.math.is_finite(v)) for v in self.forward_state
                         if tf.as_dtype(v.dtype).is_floating]
         finite = tf.logical_and(tf.math.is_finite(grad_norm), tf.math.is_finite(metrics["loss"]))
@@ -152,7 +151,8 @@ class Trainer:
 
         # Every piece of state takes its new value or keeps its old one by `finite`: no branch (a conditional
         # over the whole update cost seconds to trace and thousands of graph nodes).
-        self.optimizer.apply_stacked(stacked, gate=finite)
+        with tf.control_dependencies([finite]):  # no stacked copy of the weights before the gradients are done
+            self.optimizer.apply_stacked(self.optimizer.stack_gradients(grads), gate=finite)
         for variable, value in zip(self.forward_state, before):
             variable.assign(tf.where(finite, variable, value))
         skipped = tf.cast(tf.logical_not(finite), tf.int64)

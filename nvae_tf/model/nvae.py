@@ -486,7 +486,7 @@ def stacked_effective_kernels(layers):
     norm = ops.sqrt(ops.sum(ops.square(kernel), axis=tuple(a + 1 for a in first._norm_axes), keepdims=True))
     scale = ops.exp(ops.stack([layer.log_weight_norm.value for layer in layers]))
     scale = ops.reshape(scale, (len(layers), 1, 1, -1, 1) if first.depthwise else (len(layers), 1, 1, 1, -1))
-    return scale * kernel / (norm + 1e-5)
+    return kernel * (scale / (norm + 1e-5))
 
 
 def _stacked_matrices(kernels, depthwise):

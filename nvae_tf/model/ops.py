@@ -111,7 +111,9 @@ class Conv2D(keras.layers.Layer):
         norm = ops.sqrt(ops.sum(ops.square(kernel), axis=self._norm_axes, keepdims=True))
         scale = ops.exp(self.log_weight_norm)
         scale = ops.reshape(scale, (1, 1, -1, 1) if self.depthwise else (1, 1, 1, -1))
-        return scale * kernel / (norm + 1e-5)
+        # The per-channel factor first: the gradient then keeps only the kernel and that factor, not a
+        # kernel-sized intermediate.
+        return kernel * (scale / (norm + 1e-5))
 
     def call(self, x):
         kernel = self.effective_kernel()
