@@ -188,10 +188,27 @@ TFDS = {
 }
 
 
+# Where TFDS downloads each dataset from: one connection is tried before a download starts, so that a machine
+# without network access hears so in seconds instead of after minutes of retries.
+DOWNLOAD_HOSTS = {"mnist": "storage.googleapis.com", "cifar10": "www.cs.toronto.edu", "celeb_a": "drive.google.com",
+                  "imagenet_resized/32x32": "www.image-net.org"}
+PROBE_SECONDS = 10
+
+
+def _reachable(host, timeout=PROBE_SECONDS):
+    """None if a TCP connection to `host`:443 opens within `timeout` seconds, else the reason it did not."""
+    import socket
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return e.strerror or str(e) or type(e).__name__
+
+
 def _tfds_source(config, data_dir, download):
     import tensorflow_datasets as tfds
     tfds_name, splits = TFDS[config.dataset]
-    kwargs = {"data_dir": data_dir or None, "download": download}
+    where = data_dir or os.path.expanduser("~/tensorflow_datasets")
     if config.dataset == "mnist":
         prep = lambda x: pad_to(x, 32)  # noqa: E731
     elif config.dataset == "celeba64":
@@ -200,27 +217,70 @@ def _tfds_source(config, data_dir, download):
         prep = lambda x: x  # noqa: E731
     shape = config.image_shape
 
-    def load(split, shard=None, shuffle_files=False, seed=None):
+    def load(split, shard=None, shuffle_files=False, seed=None, download=False):
         tfds_split = splits[split]
         if shard:
             tfds_split = tfds.even_splits(tfds_split, shard[0])[shard[1]]
         try:
-            ds = tfds.load(tfds_name, split=tfds_split, shuffle_files=shuffle_files,
-                           read_config=tfds.ReadConfig(shuffle_seed=seed), **kwargs)
+            ds = tfds.load(tfds_name, split=tfds_split, shuffle_files=shuffle_files, data_dir=data_dir or None,
+                           download=download, read_config=tfds.ReadConfig(shuffle_seed=seed))
         except (AssertionError, tfds.core.registered.DatasetNotFoundError, OSError) as e:
-            raise DataError(_tfds_missing_message(config.dataset, tfds_name, data_dir, e)) from e
+            raise DataError(_tfds_missing_message(config.dataset, tfds_name, data_dir, e, download)) from e
         return ds.map(lambda ex: tf.ensure_shape(prep(ex["image"]), shape), num_parallel_calls=AUTOTUNE)
+
+    first = next(iter(splits))
+    try:
+        load(first)
+    except DataError:
+        if not download:
+            raise
+        # Not prepared yet: one connection to the download host first, then one download.
+        host = DOWNLOAD_HOSTS.get(tfds_name)
+        unreachable = host and _reachable(host)
+        if unreachable:
+            raise DataError(f"{config.dataset}: TFDS dataset {tfds_name} is not prepared in {where}, and it cannot "
+                            f"be downloaded: {host} is unreachable ({unreachable}). Run once on a machine with "
+                            f"network access (TFDS downloads and prepares it in {where}), or copy a TFDS data "
+                            f"directory that has it and give it as --data_dir. With --nodownload a run stops at "
+                            f"once when the data is missing.") from None
+        logging.info("%s: downloading and preparing TFDS %s in %s (once)", config.dataset, tfds_name, where)
+        with _removed_on_failure(where):
+            load(first, download=True)
 
     sizes = {}
     for split in splits:
         n = int(load(split).cardinality())
         sizes[split] = n if n >= 0 else sum(1 for _ in load(split))
-    location = f"TFDS {tfds_name} in {data_dir or '~/tensorflow_datasets'}"
+    location = f"TFDS {tfds_name} in {where}"
     return Source(config.dataset, shape, sizes, load, flips=config.dataset != "mnist",
                   binarize=config.dataset == "mnist", location=location)
 
 
-def _tfds_missing_message(dataset, tfds_name, data_dir, error):
+class _removed_on_failure:
+    """Within it, whatever a failure leaves in `folder` that was not there before is removed (the folder too, if
+    it did not exist): a download that fails writes nothing into the user's data folder."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __enter__(self):
+        self.existed = os.path.isdir(self.folder)
+        self.before = set(os.listdir(self.folder)) if self.existed else set()
+
+    def __exit__(self, kind, _value, _tb):
+        if kind is None:
+            return False
+        import shutil
+        if not self.existed:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        elif os.path.isdir(self.folder):
+            for name in set(os.listdir(self.folder)) - self.before:
+                path = os.path.join(self.folder, name)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        return False
+
+
+def _tfds_missing_message(dataset, tfds_name, data_dir, error, download):
     where = data_dir or os.path.expanduser("~/tensorflow_datasets")
     if dataset == "celebahq":
         manual = os.path.join(where, "downloads", "manual", CELEBAHQ_TFDS_ARCHIVE)
@@ -228,10 +288,14 @@ def _tfds_missing_message(dataset, tfds_name, data_dir, error):
                 f"in train/*.tfrecords and validation/*.tfrecords (the celeba-tfr files that NVAE's data "
                 f"preparation starts from), or (b) a TFDS data directory where the CelebA-HQ archive "
                 f"{CELEBAHQ_TFDS_ARCHIVE} (made with Progressive GAN's dataset_tool) is at {manual}, so that TFDS "
-                f"builds celeb_a_hq/256 from it. TFDS said: {error}")
-    return (f"{dataset}: TFDS dataset {tfds_name} is not prepared in {where} and could not be prepared "
-            f"(run once with network access and --download, or point --data_dir at a TFDS data directory "
-            f"that has it). TFDS said: {error}")
+                f"builds celeb_a_hq/256 from it (README, Data).")
+    if not download:
+        return (f"{dataset}: TFDS dataset {tfds_name} is not prepared in {where} (--nodownload). Run once without "
+                f"--nodownload on a machine with network access, or give --data_dir a TFDS data directory that "
+                f"has it.")
+    return (f"{dataset}: TFDS dataset {tfds_name} could not be downloaded and prepared in {where}: "
+            f"{str(error).splitlines()[0][:300] if str(error) else type(error).__name__}. Run again with network "
+            f"access, or give --data_dir a TFDS data directory that has it.")
 
 
 # GLOW TFRecords ------------------------------------------------------------------------------------------

@@ -128,7 +128,12 @@ class TrainOptions(RunDirOptions, DataOptions, ReplicaOptions):
     log_every: int = option(50, "Steps between log lines and scalar summaries.", minimum=1)
     max_skipped_steps: int = option(20, "Stop after this many consecutive steps with a non-finite loss or "
                                     "gradient.", minimum=1)
-    eval_batches: int = option(20, "Validation batches for the bits/dim of each epoch (0: all).", minimum=0)
+    eval_batches: int = option(20, "Validation batches for each validation bits/dim (0: all).", minimum=0)
+    image_every: int = option(0, "Steps between TensorBoard pictures (reconstructions, samples at each "
+                              "temperature), besides those at every epoch's end and at the end of training (0: "
+                              "after the first step, then every 10 minutes of training).", minimum=0)
+    eval_every: int = option(0, "Steps between validation bits/dim, besides every epoch's end (0: every 30 "
+                             "minutes of training).", minimum=0)
     num_summary_images: int = option(8, "Images in each TensorBoard image summary.", minimum=0)
 
 

@@ -57,6 +57,16 @@ def open_for_training(model_dir):
     return lock
 
 
+def remove_new_run_dir(model_dir, created):
+    """Empty `model_dir`, which was empty (or, with `created`, absent) before this process wrote into it, and remove
+    it if it was absent: what a run that failed before its first step leaves."""
+    for name in os.listdir(model_dir) if os.path.isdir(model_dir) else []:
+        path = os.path.join(model_dir, name)
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    if created:
+        shutil.rmtree(model_dir, ignore_errors=True)
+
+
 def write_config(model_dir, config, write=True):
     """Save `config` as `model_dir/config.json` (`write`: the chief only), or, when the directory already holds a
     run, check that the structural fields agree (`ConfigError` otherwise) and warn about the changed others."""

@@ -13,6 +13,7 @@ only the step counter (the data position), the skip counters and, under mixed_fl
 No checkpoint is written while any model or optimiser variable is non-finite (`nvae_tf.trainer`).
 """
 
+import os
 import signal
 import sys
 
@@ -33,8 +34,12 @@ def run(config, run_options, handle_signals=False):
     options.check(run_options)
     runs.check_model_dir(run_options.model_dir)
     chief = cli.process_is_chief()
+    model_dir = run_options.model_dir
+    created = not os.path.exists(model_dir)
+    fresh = created or (os.path.isdir(model_dir) and not os.listdir(model_dir))
     # The lock is taken before TensorFlow starts, so a second run on the same directory stops at once.
-    lock = runs.open_for_training(run_options.model_dir) if chief else None
+    lock = runs.open_for_training(model_dir) if chief else None
+    trainer = None
     try:
         from nvae_tf import distribute
         if run_options.cpu_replicas > 1:
@@ -69,6 +74,14 @@ def run(config, run_options, handle_signals=False):
             raise RunError(f"{data_lib.read_error_text(e)} (--strict_data); the newest checkpoint is "
                            f"{trainer.manager.latest_checkpoint or 'none'}") from None
         return step, trainer.manager.latest_checkpoint
+    except BaseException:
+        if lock and fresh and not (trainer and trainer.first_step_done):
+            # Failed before its first step (missing data, a bad flag TensorFlow refused, ...): the new run
+            # directory is taken away again, so the same command can simply be run again.
+            lock.release()
+            lock = None
+            runs.remove_new_run_dir(model_dir, created)
+        raise
     finally:
         if lock:
             lock.release()

@@ -20,7 +20,7 @@ import tensorflow as tf
 from absl import logging
 
 from nvae_tf import data as data_lib
-from nvae_tf import distribute, objective, runs, sampling
+from nvae_tf import distribute, imaging, objective, runs, sampling
 from nvae_tf.errors import CheckpointWriteError, TrainingError, os_reason
 from nvae_tf.model import NVAE
 from nvae_tf.optim import NVAEAdamax, NVAELearningRate
@@ -28,6 +28,10 @@ from nvae_tf.optim import NVAEAdamax, NVAELearningRate
 LOSS_SCALE_INITIAL = 2.0 ** 10
 LOSS_SCALE_GROWTH_STEPS = 2000
 SAMPLE_TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0)
+# Without --image_every / --eval_every: pictures after the first step and then this often, validation this often
+# (seconds of training), besides every epoch's end.
+AUTO_IMAGE_SECONDS = 600
+AUTO_EVAL_SECONDS = 1800
 # Measured on 2 CPU cores (benchmarks/startup.py, digits to CIFAR-10): tracing the training step took 4 to 6
 # times as long as building the model and the optimiser, optimising its graph plus the first run 5 to 8 times
 # (more when one step itself computes for long, as MNIST's batch of 200 does).
@@ -113,6 +117,11 @@ class Trainer:
         self._probe = None
         self._resumed = False
         self._traced = False
+
+    @property
+    def first_step_done(self):
+        """Whether this process has run a training step."""
+        return self._traced
 
     # -------------------------------------------------------------------------------------------- steps
     def _replica_step(self, images):
@@ -311,6 +320,7 @@ class Trainer:
         start_time, start_step = time.time(), step
         window_time, window_step = start_time, step
         saved_step = step
+        self._last_images, self._last_eval = None, start_time
         while step < last and not stop_requested():
             epoch, offset = divmod(step, self.steps_per_epoch)
             batches = 0
@@ -335,6 +345,8 @@ class Trainer:
                     rate = (step - window_step) * self.global_batch / max(now - window_time, 1e-9)
                     window_time, window_step = now, step
                     self._log(step, last, epoch, metrics, rate, start_time, start_step)
+                if step % self.steps_per_epoch and step < last and not stop_requested():
+                    self._periodic_summaries(step, stop_requested)  # epoch ends and the end have their own
                 if step - saved_step >= self.options.checkpoint_every and int(self.consecutive_skipped.numpy()) == 0:
                     self.save()
                     saved_step = step
@@ -352,6 +364,9 @@ class Trainer:
                 self.step.assign(step)
             if step % self.steps_per_epoch == 0:
                 self._end_of_epoch(step, epoch, stop_requested)
+            elif step >= last and not stop_requested():  # --max_steps ended the run inside an epoch
+                self._validate(step, stop_requested=stop_requested)
+                self._write_images(step)
         if stop_requested():
             logging.info("stop requested: saving a checkpoint at step %d", step)
         if step != saved_step or not self.manager.latest_checkpoint:
@@ -395,40 +410,81 @@ class Trainer:
             if self.fp16:
                 tf.summary.scalar("train/loss_scale", float(self.loss_scale.numpy()))
 
+    def _periodic_summaries(self, step, stop_requested):
+        """Pictures every `--image_every` steps and validation every `--eval_every` steps; with 0, pictures after
+        the first step of the process and then every `AUTO_IMAGE_SECONDS`, validation every `AUTO_EVAL_SECONDS`
+        (on one machine: the workers of a cluster must validate at the same steps, so there it waits for the
+        epoch's end)."""
+        now = time.time()
+        every = self.options.image_every
+        if (step % every == 0) if every else (self._last_images is None
+                                              or now - self._last_images >= AUTO_IMAGE_SECONDS):
+            self._write_images(step)
+        every = self.options.eval_every
+        single_machine = getattr(self.strategy, "cluster_resolver", None) is None or not isinstance(
+            self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        if (step % every == 0) if every else (single_machine and now - self._last_eval >= AUTO_EVAL_SECONDS):
+            self._validate(step, stop_requested=stop_requested)
+
     def _end_of_epoch(self, step, epoch, stop_requested=lambda: False):
-        """Validation bits/dim and image summaries; abandoned at once if a stop is requested."""
-        total, count = 0.0, 0.0  # host sums of device scalars, read once after the loop
+        """Validation bits/dim and pictures; abandoned at once if a stop is requested."""
+        if self._validate(step, epoch, stop_requested) is not None:
+            self._write_images(step)
+
+    def _validation_data(self):
         ds = self.source.dataset("validation", self.config.batch_size, training=False,
                                  deterministic=self.options.deterministic, seed=self.config.seed)
-        if self.options.eval_batches:
-            ds = ds.take(self.options.eval_batches)
-        logging.info("validating after epoch %d (step %d, %s batches)", epoch + 1, step,
-                     self.options.eval_batches or "all")
+        return ds.take(self.options.eval_batches) if self.options.eval_batches else ds
+
+    def _validate(self, step, epoch=None, stop_requested=lambda: False):
+        """Validation bits/dim (negative ELBO) at `step` (the end of `epoch`, if given), logged and summarised;
+        None if a stop abandoned it."""
+        self._last_eval = time.time()
+        where = f"after epoch {epoch + 1} (step {step}," if epoch is not None else f"at step {step} ("
+        what = f"of epoch {epoch + 1}" if epoch is not None else f"at step {step}"
+        total, count = 0.0, 0.0  # host sums of device scalars, read once after the loop
+        logging.info("validating %s %s batches)", where, self.options.eval_batches or "all")
         self.eval_seed_generator.state.assign([self.config.seed + 1 + step, 0])
-        for images in self.strategy.experimental_distribute_dataset(ds):
+        for images in self.strategy.experimental_distribute_dataset(self._validation_data()):
             t, c = self._eval_step(images)
             total, count = total + t, count + c
             if stop_requested():
-                logging.info("validation of epoch %d abandoned: stop requested", epoch + 1)
-                return
+                logging.info("validation %s abandoned: stop requested", what)
+                return None
         total, count = float(total), float(count)
         bpd = objective.bits_per_dim(total / max(count, 1.0), self.config.data_dims)
-        logging.info("epoch %d done at step %d: validation bpd %.4f (negative ELBO, %d images)", epoch + 1, step,
-                     bpd, int(count))
-        if not self.chief or stop_requested():
+        logging.info("%s: validation bpd %.4f (negative ELBO, %d images)",
+                     f"epoch {epoch + 1} done at step {step}" if epoch is not None else f"step {step}", bpd,
+                     int(count))
+        if self.chief:
+            with self.writer.as_default(step=step):
+                tf.summary.scalar("validation/bpd", bpd)
+            self.writer.flush()
+        return bpd
+
+    def _write_images(self, step):
+        """TensorBoard pictures at `step`: validation images beside their reconstructions, and one grid of
+        samples with a row per temperature, each row labelled. The noise is seeded the same way every time (the
+        same latents at every step, so the pictures show the model change) and is not the training noise."""
+        self._last_images = time.time()
+        n = self.options.num_summary_images
+        if not self.chief or n == 0:
             return
+        started = time.time()
         with self.writer.as_default(step=step):
-            tf.summary.scalar("validation/bpd", bpd)
-            n = self.options.num_summary_images
-            first = next(iter(ds), None)
+            first = next(iter(self._validation_data()), None)
             if first is not None:
-                inputs, recon = sampling.reconstruct(self.model, first[:n], pixels="mean")
+                inputs, recon = sampling.reconstruct(self.model, first[:n], pixels="mean",
+                                                     noise=sampling.seeded_noise(self.config.seed, "summary_noise"))
                 tf.summary.image("reconstructions", np.concatenate([inputs, recon], axis=2), max_outputs=n,
                                  step=step)
-            for t in SAMPLE_TEMPERATURES:
-                tf.summary.image(f"samples/t{t:.1f}", self.model.sample(n, t, mode="mean").numpy(), max_outputs=n,
-                                 step=step)
+            noise = sampling.seeded_noise(self.config.seed, "summary_noise")
+            rows = [self.model.sample(n, t, noise=noise, mode="mean").numpy() for t in SAMPLE_TEMPERATURES]
+            grid = imaging.make_grid(np.concatenate(rows), columns=n,
+                                     row_labels=[f"t={t:g}" for t in SAMPLE_TEMPERATURES])
+            tf.summary.image("samples", grid[None], step=step)
         self.writer.flush()
+        logging.info("pictures of step %d written to TensorBoard (%.0f s)", step, time.time() - started)
 
 
 def _about(seconds):

@@ -141,6 +141,56 @@ def test_missing_tfds_dataset_names_the_directory(tmp_path):
         data.open_source(config_for("cifar10"), str(tmp_path), download=False)
 
 
+def test_missing_tfds_dataset_with_nodownload_says_so(tmp_path):
+    with pytest.raises(data.DataError) as e:
+        data.open_source(config_for("mnist"), str(tmp_path), download=False)
+    assert "mnist" in str(e.value) and "--nodownload" in str(e.value) and "--data_dir" in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("existed", [True, False])
+def test_a_download_host_out_of_reach_stops_at_once_and_writes_nothing(tmp_path, monkeypatch, existed):
+    """Without network access: one connection attempt to the dataset's download host, then one message naming
+    the dataset, the host and what to do; nothing written into the data folder (nor the folder created)."""
+    import time
+    monkeypatch.setitem(data.DOWNLOAD_HOSTS, "cifar10", "nvae-tf-offline-test.invalid")  # never resolves
+    calls = []
+    real = data._reachable
+    monkeypatch.setattr(data, "_reachable", lambda host: calls.append(host) or real(host, timeout=5))
+    folder = tmp_path / "tfds"
+    if existed:
+        folder.mkdir()
+        (folder / "keep.txt").write_text("the user's")
+    started = time.time()
+    with pytest.raises(data.DataError) as e:
+        data.open_source(config_for("cifar10"), str(folder), download=True)
+    assert time.time() - started < 20
+    message = str(e.value)
+    assert calls == ["nvae-tf-offline-test.invalid"]
+    for part in ("cifar10", "nvae-tf-offline-test.invalid is unreachable", str(folder), "--data_dir",
+                 "--nodownload"):
+        assert part in message, (part, message)
+    assert sorted(os.listdir(folder)) == ["keep.txt"] if existed else not folder.exists()
+
+
+def test_a_failed_download_leaves_the_data_folder_as_it_was(tmp_path):
+    folder = tmp_path / "tfds"
+    folder.mkdir()
+    (folder / "old").mkdir()
+    (folder / "old" / "data").write_text("kept")
+    with pytest.raises(OSError):
+        with data._removed_on_failure(str(folder)):
+            (folder / "downloads" / "mnist").mkdir(parents=True)
+            (folder / "downloads" / "mnist" / "part.tmp").write_text("partial")
+            (folder / "old" / "new_inside").write_text("x")  # inside a folder that was there: not ours to judge
+            (folder / "mnist.incomplete").write_text("x")
+            raise OSError("connection reset")
+    assert sorted(os.listdir(folder)) == ["old"]
+    with data._removed_on_failure(str(folder)):  # success: everything stays
+        (folder / "mnist").mkdir()
+    assert sorted(os.listdir(folder)) == ["mnist", "old"]
+
+
 # ---------------------------------------------------------------------------------------- CelebA 64 crop
 def test_celeba64_crop_box_takes_rows_40_to_188_and_columns_15_to_163():
     rng = np.random.default_rng(0)

@@ -407,6 +407,27 @@ def test_train_refuses_a_malformed_or_foreign_config(tmp_path):
         assert not (tmp_path / name / "checkpoints").exists()
 
 
+def test_a_run_whose_data_is_missing_leaves_no_run_directory(tmp_path):
+    """Missing data stops the run before its first step with one message; a run directory the run created is
+    gone again, an empty one it was given stays empty, and one that holds a run keeps it as it was, so the same
+    command works once the data is there."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "held").mkdir()
+    load_flagfile("cifar10").save(str(tmp_path / "held" / "config.json"))
+    (tmp_path / "held" / "events.out.tfevents.1").write_text("earlier training")
+    (tmp_path / "held" / ".train.lock").write_text("")  # as every run that has ended leaves it
+    held = {name: (tmp_path / "held" / name).read_bytes() for name in os.listdir(tmp_path / "held")}
+    jobs = {name: ["--flagfile=configs/cifar10.flags", f"--data_dir={tmp_path / 'data'}", "--nodownload",
+                   f"--model_dir={tmp_path / name}"] for name in ("new", "empty", "held")}
+    results = run_side_by_side("nvae_tf.train", jobs)
+    for name in jobs:
+        assert_cli_error(results[name], ["cifar10", str(tmp_path / "data"), "--nodownload", "--data_dir"])
+    assert not (tmp_path / "new").exists()
+    assert os.listdir(tmp_path / "empty") == [] and os.listdir(tmp_path / "data") == []
+    assert {name: (tmp_path / "held" / name).read_bytes() for name in os.listdir(tmp_path / "held")} == held
+
+
 # ======================================================================== 4. one run per model_dir
 @pytest.mark.slow
 def test_a_second_trainer_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):

@@ -37,7 +37,7 @@ DIGITS_TRAIN = 1497  # training images of the built-in digits dataset (1797 - 30
 PROCESS_TIMEOUT = 300  # seconds for one training subprocess
 SCALAR_TAGS = ("train/loss", "train/bpd", "train/kl", "train/beta", "train/lambda", "train/learning_rate",
                "train/grad_norm", "train/skipped_steps", "train/images_per_second", "kl_per_group/00")
-IMAGE_TAGS = ("reconstructions", "samples/t0.6", "samples/t0.7", "samples/t0.8", "samples/t0.9", "samples/t1.0")
+IMAGE_TAGS = ("reconstructions", "samples")
 
 
 def small_config(**overrides):
@@ -283,15 +283,45 @@ def test_tensorboard_holds_every_scalar_and_image_tag(trained):
     assert 0.0 < lr[5] < lr[185] <= trained.config.learning_rate  # linear warm-up over the first epoch
     assert all(float(v) == 0 for step, v in events["train/skipped_steps"] if step <= TRAIN_STEPS)
     assert float(events["train/lambda"][0][1]) == pytest.approx(trained.config.weight_decay_norm)
-    # Validation and images at the end of the first epoch (step 187).
-    (step, value), = events["validation/bpd"][:1]
-    assert step == DIGITS_TRAIN // 8 and 0.0 < float(value) < 2.0
+    # Pictures after the first step (no --image_every: the automatic default), at the end of the first epoch
+    # (step 187) and at the end (--max_steps 190, inside the second epoch); validation at both ends.
+    epoch_end = DIGITS_TRAIN // 8
+    assert [s for s, _ in events["validation/bpd"]] == [epoch_end, TRAIN_STEPS]
+    assert all(0.0 < float(v) < 2.0 for _, v in events["validation/bpd"])
     for tag in IMAGE_TAGS:
-        step, image = events[tag][0]
-        assert step == DIGITS_TRAIN // 8, tag
-        # An image summary is [width, height, png_1 .. png_n].
-        assert image.shape == (2 + 4,), (tag, image.shape)
-        assert all(png.startswith(b"\x89PNG") for png in image[2:]), tag
+        assert [s for s, _ in events[tag]] == [1, epoch_end, TRAIN_STEPS], tag
+    import tensorflow as tf
+    for step, image in events["reconstructions"]:
+        # An image summary is [width, height, png_1 .. png_n]: inputs beside reconstructions, 16 x 32.
+        assert image.shape == (2 + 4,) and all(png.startswith(b"\x89PNG") for png in image[2:]), image.shape
+        assert tf.io.decode_png(image[2]).shape == (16, 32, 1)
+    # One grid of samples: a row per temperature (five), four samples per row, enlarged 4x, labels on the left.
+    grids = [tf.io.decode_png(image[2]).numpy() for _, image in events["samples"]]
+    assert all(g.shape[0] == 5 * (64 + 2) + 2 and g.shape[1] > 4 * (64 + 2) + 2 for g in grids), grids[0].shape
+    assert not np.array_equal(grids[0], grids[-1])  # the model changed between step 1 and step 190
+
+
+def test_pictures_and_validation_every_n_steps_leave_the_training_as_it_is(tmp_path):
+    """--image_every=3 --eval_every=4 for 8 steps of a 187-step epoch: pictures at 3, 6 and the end (8),
+    validation at 4 and 8. They draw no training noise and move no state: every model variable after the 8 steps
+    is bit for bit that of a run from the same start with pictures and validation only at the end."""
+    config = small_config(batch_size=8, epochs=1)
+    common = dict(log_every=100, eval_batches=1, num_summary_images=2, deterministic=True)
+    often = make_trainer(tmp_path / "often", config, image_every=3, eval_every=4, **common)
+    start = [v.numpy().copy() for v in often.model.variables]
+    often.train(max_steps=8)
+    rare = make_trainer(tmp_path / "rare", config, image_every=1000, eval_every=1000, **common)
+    for v, value in zip(rare.model.variables, start):
+        v.assign(value)
+    rare.train(max_steps=8)
+    events = event_tensors(str(tmp_path / "often"))
+    assert [s for s, _ in events["samples"]] == [s for s, _ in events["reconstructions"]] == [3, 6, 8]
+    assert [s for s, _ in events["validation/bpd"]] == [4, 8]
+    events = event_tensors(str(tmp_path / "rare"))
+    assert [s for s, _ in events["samples"]] == [s for s, _ in events["validation/bpd"]] == [8]
+    assert int(often.step.numpy()) == int(rare.step.numpy()) == 8
+    for a, b in zip(often.model.variables, rare.model.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
 def test_a_new_trainer_restores_the_complete_model_state(trained):
