@@ -32,11 +32,11 @@ SAMPLE_TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0)
 # (seconds of training), besides every epoch's end.
 AUTO_IMAGE_SECONDS = 600
 AUTO_EVAL_SECONDS = 1800
-# Measured on 2 CPU cores (benchmarks/startup.py, digits to CIFAR-10): tracing the training step took 4 to 6
-# times as long as building the model and the optimiser, optimising its graph plus the first run 5 to 8 times
-# (more when one step itself computes for long, as MNIST's batch of 200 does).
-TRACE_PER_BUILD_SECOND = 5.0
-FIRST_RUN_PER_BUILD_SECOND = 6.0
+# Measured on 2 CPU cores (benchmarks/startup.py, digits to CIFAR-10): tracing the training step took 2.5 to 4
+# times as long as building the model and the optimiser, optimising its graph plus the first run 1.5 to 3.5
+# times (more when one step itself computes for long, as MNIST's batch of 200 does).
+TRACE_PER_BUILD_SECOND = 3.5
+FIRST_RUN_PER_BUILD_SECOND = 2.5
 
 
 # ------------------------------------------------------------------------------------------------- trainer
@@ -440,10 +440,12 @@ class Trainer:
         """Validation bits/dim (negative ELBO) at `step` (the end of `epoch`, if given), logged and summarised;
         None if a stop abandoned it."""
         self._last_eval = time.time()
-        where = f"after epoch {epoch + 1} (step {step}," if epoch is not None else f"at step {step} ("
+        batches = self.options.eval_batches or "all"
+        where = f"after epoch {epoch + 1} (step {step}, {batches} batches)" if epoch is not None else (
+            f"at step {step} ({batches} batches)")
         what = f"of epoch {epoch + 1}" if epoch is not None else f"at step {step}"
         total, count = 0.0, 0.0  # host sums of device scalars, read once after the loop
-        logging.info("validating %s %s batches)", where, self.options.eval_batches or "all")
+        logging.info("validating %s", where)
         self.eval_seed_generator.state.assign([self.config.seed + 1 + step, 0])
         for images in self.strategy.experimental_distribute_dataset(self._validation_data()):
             t, c = self._eval_step(images)
