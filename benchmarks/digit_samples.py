@@ -7,8 +7,8 @@ with probability >= 0.9, next to the same share for the held-out real digits (gr
     python benchmarks/digit_samples.py --model_dirs=runs/digits,runs/digits_grey --temperatures=1.0,0.8
 
 The classifier is an RBF support-vector machine with libsvm's Platt-scaled probabilities on the 16x16 images
-pooled to 8x8 (the resolution of the original data): 97.7 % right on the held-out grey digits. Runs must be of the `digits` dataset at 16x16; each is sampled
-`--num_samples` times per temperature with pixels as `nvae_tf.sample` draws them (`--pixels=auto`).
+pooled to 8x8 (the resolution of the original data): 97.7 % right on the held-out grey digits. Runs must be of the `digits` or `digits_grey` dataset at 16x16; each is sampled
+`--num_samples` times per temperature with pixels as `nvae_tf.sample` draws them (`--pixels`, default auto).
 """
 
 import argparse
@@ -70,14 +70,14 @@ def row(name, classifier, images, labels=None):
             else None, "class_spread": float(entropy), "smallest_class": float(counts.min())}
 
 
-def sample_run(model_dir, temperatures, num_samples, seed):
+def sample_run(model_dir, temperatures, num_samples, seed, pixels="auto"):
     sys.path.insert(0, ROOT)
     from nvae_tf import runs, sampling
     config, model, _ = runs.load_model(model_dir)
-    if config.dataset != "digits" or config.image_size != 16:
+    if config.dataset not in ("digits", "digits_grey") or config.image_size != 16:
         raise SystemExit(f"error: {model_dir} is a {config.dataset} run at {config.image_size}x{config.image_size}; "
                          f"this benchmark judges digits runs at 16x16")
-    pixels = sampling.pixel_mode(config, "auto")
+    pixels = sampling.pixel_mode(config, pixels)
     for t in temperatures:
         images = sampling.draw(model, num_samples, t, seed=seed, pixels=pixels)
         yield f"{os.path.basename(os.path.normpath(model_dir))} t={t:g} ({config.decoder}, {pixels})", images
@@ -88,6 +88,8 @@ def main():
     parser.add_argument("--model_dirs", default="", help="comma-separated digits run directories")
     parser.add_argument("--temperatures", default="1.0", help="comma-separated sampling temperatures")
     parser.add_argument("--num_samples", type=int, default=500, help="samples per run and temperature")
+    parser.add_argument("--pixels", default="auto", choices=("auto", "sample", "mean"),
+                        help="pixel values as `nvae_tf.sample --pixels` takes them")
     parser.add_argument("--seed", type=int, default=1, help="the digits split's seed (configs/digits.flags: 1)")
     args = parser.parse_args()
     dirs = [d for d in args.model_dirs.split(",") if d]
@@ -103,7 +105,7 @@ def main():
     rows = [row("real digits, held out (grey)", classifier, images, labels),
             row("real digits, held out (binarised)", classifier, binarised, labels)]
     for model_dir in dirs:
-        for name, samples in sample_run(model_dir, temperatures, args.num_samples, args.seed):
+        for name, samples in sample_run(model_dir, temperatures, args.num_samples, args.seed, args.pixels):
             rows.append(row(name, classifier, samples))
 
     print(f"{'source':<48} {'images':>6} {'p >= 0.9':>9} {'mean max p':>11} {'accuracy':>9} "

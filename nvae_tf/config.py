@@ -32,6 +32,7 @@ DATASETS = {
     "ffhq": DatasetInfo(256, 3, False),
     "folder": DatasetInfo(0, 3, False),
     "digits": DatasetInfo(16, 1, True),
+    "digits_grey": DatasetInfo(16, 1, False),
 }
 
 

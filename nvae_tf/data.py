@@ -10,6 +10,7 @@ training and evaluation see identical data. Per dataset (spec section 7):
 |---|---|---|---|
 | mnist | TFDS `mnist` | pad to 32x32, binarised anew at every read | train; validation = test = TFDS test |
 | digits | scikit-learn's digits (inside the package) | 8x8 -> 16x16, binarised anew at every read | seeded 1497 / 300 |
+| digits_grey | the same, in grey levels | 8x8 -> 16x16 | seeded 1497 / 300 |
 | cifar10 | TFDS `cifar10` | flips (training) | train; validation = test = TFDS test |
 | celeba64 | TFDS `celeb_a` | crop box (15, 40, 163, 188), resize to 64, flips | train, validation, test |
 | imagenet32 | TFDS `imagenet_resized/32x32` | flips | train, validation |
@@ -164,7 +165,7 @@ def open_source(config, data_dir="", strict=False, download=True):
     """The data of `config.dataset`, checked at once: a missing or empty `data_dir` raises `DataError`."""
     data_dir = os.path.expanduser(data_dir or "")
     name = config.dataset
-    if name == "digits":
+    if name in ("digits", "digits_grey"):
         return _digits_source(config)
     if name in ("mnist", "cifar10", "celeba64", "imagenet32"):
         return _tfds_source(config, data_dir, download)
@@ -672,8 +673,8 @@ def _digits_source(config):
         ds = tf.data.Dataset.from_tensor_slices(parts[split])
         return ds.shard(*shard) if shard else ds
 
-    return Source("digits", config.image_shape, {k: len(v) for k, v in parts.items()}, read, flips=False,
-                  binarize=True, location="scikit-learn digits")
+    return Source(config.dataset, config.image_shape, {k: len(v) for k, v in parts.items()}, read, flips=False,
+                  binarize=config.decoder == "bernoulli", location="scikit-learn digits")
 
 
 # Manifest: results of slow passes over the data, remembered beside it -------------------------------------------------

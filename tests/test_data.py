@@ -568,6 +568,18 @@ def test_digits_are_real_binarised_16x16_images():
     assert ink[6:10, 6:10].mean() > 2 * ink[[0, 0, -1, -1], [0, -1, 0, -1]].mean()
 
 
+def test_grey_digits_are_the_same_digits_in_grey_levels_for_a_mixture_of_logistics():
+    grey_config = load_flagfile("digits_grey")
+    assert grey_config.decoder == "logistic_mixture" and grey_config.image_shape == (16, 16, 1)
+    grey = data.open_source(grey_config)
+    assert grey.sizes == {"train": 1497, "validation": 300} and not grey.binarize
+    images = images_of(grey.dataset("validation", 100, training=False))
+    assert images.shape == (300, 16, 16, 1) and len(np.unique(images)) > 100
+    # The validation split holds the same digits as the binarised dataset's: its grey levels before the draw.
+    raw = np.stack([x.numpy() for x in data.open_source(load_flagfile("digits")).read("validation")])
+    np.testing.assert_array_equal(images, raw)
+
+
 def test_training_pipeline_is_deterministic_under_a_seed_when_asked():
     source = data.open_source(load_flagfile("digits"))
     a = images_of(source.dataset("train", 64, training=True, deterministic=True, seed=11).take(3))

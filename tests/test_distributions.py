@@ -663,3 +663,68 @@ def test_bernoulli_sample_mean_close_to_sigmoid():
     p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
     freq = x[:, 0, :, 0].mean(axis=0)
     assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-9), (freq, p)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Discretized mixture of logistics on one grey channel
+# ----------------------------------------------------------------------------------------------------------
+
+def grey_params(logits, means, log_scales):
+    """`[..., 3M]`: logits, then (one channel) means and log-scales."""
+    return np.concatenate([logits, means, log_scales], axis=-1)
+
+
+def ref_grey_probabilities(logits, means, log_scales, num_bits):
+    """float64 probabilities of every grey level `[..., 2**bits]`: logistic CDF differences per bin, the end bins
+    taking the tails, mixed by softmax(logits)."""
+    levels = 2 ** num_bits - 1
+    x = 2.0 * np.arange(levels + 1) / levels - 1.0  # [L]
+    s = np.exp(np.maximum(log_scales, -7.0))[..., None, :]
+    mu = means[..., None, :]
+    hi = np_sigmoid((x[:, None] - mu + 1.0 / levels) / s)
+    lo = np_sigmoid((x[:, None] - mu - 1.0 / levels) / s)
+    hi[..., -1, :], lo[..., 0, :] = 1.0, 0.0
+    return np.sum(np.exp(np_log_softmax(logits))[..., None, :] * (hi - lo), axis=-1)
+
+
+@pytest.mark.parametrize("num_bits, m", [(3, 1), (5, 4), (8, 10)])
+def test_grey_dmol_log_prob_matches_numpy_and_all_levels_sum_to_one(num_bits, m):
+    rng = np.random.default_rng(40 + m)
+    logits = rng.normal(0, 1.5, (4, m))
+    means = rng.uniform(-1.1, 1.1, (4, m))
+    log_scales = rng.uniform(-8.0, 0.5, (4, m))
+    levels = 2 ** num_bits
+    expected = ref_grey_probabilities(logits, means, log_scales, num_bits)  # [4, L]
+    np.testing.assert_allclose(expected.sum(axis=-1), 1.0, rtol=1e-12)
+    # Every level of every pixel: parameters repeated along the width, one level per column.
+    params = np.broadcast_to(grey_params(logits, means, log_scales)[:, None, None, :], (4, 1, levels, 3 * m))
+    x = np.broadcast_to((np.arange(levels) / (levels - 1.0))[None, None, :, None], (4, 1, levels, 1))
+    dist = DiscretizedMixtureOfLogistics(params.astype(np.float32), num_bits=num_bits, channels=1)
+    log_p = keras.ops.convert_to_numpy(dist.log_prob_map(x.astype(np.float32)))[:, 0, :]
+    assert log_p.shape == (4, levels)
+    np.testing.assert_allclose(np.exp(log_p), expected, rtol=2e-4, atol=1e-7)
+    np.testing.assert_allclose(np.exp(log_p).sum(axis=-1), 1.0, rtol=1e-4)
+
+
+def test_grey_dmol_samples_follow_the_mixture_and_the_mean_is_the_weighted_mean():
+    logits = np.array([0.3, -0.5, 1.0])
+    means = np.array([-0.6, 0.2, 0.7])
+    log_scales = np.array([-2.0, -1.5, -2.5])
+    n = 20000
+    params = np.broadcast_to(grey_params(logits, means, log_scales), (n, 1, 1, 9)).astype(np.float32)
+    dist = DiscretizedMixtureOfLogistics(params, num_bits=3, channels=1)
+    x = keras.ops.convert_to_numpy(dist.sample(KerasNoise(keras.random.SeedGenerator(7))))
+    assert x.shape == (n, 1, 1, 1) and x.min() >= 0.0 and x.max() <= 1.0
+    counts = np.bincount(np.rint(x[:, 0, 0, 0] * 7).astype(np.int64), minlength=8)
+    p = ref_grey_probabilities(logits, means, log_scales, 3)
+    assert np.all(np.abs(counts - n * p) <= 5 * np.sqrt(n * p * (1 - p)) + 2), (counts, n * p)
+    mean = keras.ops.convert_to_numpy(dist.mean())[0, 0, 0, 0]
+    w = np.exp(np_log_softmax(logits))
+    assert mean == pytest.approx((np.clip(np.sum(w * means), -1, 1) + 1) / 2, rel=1e-6)
+
+
+def test_grey_dmol_needs_three_parameters_per_component():
+    with pytest.raises(ValueError, match="1-channel mixture of logistics needs 3"):
+        DiscretizedMixtureOfLogistics(np.zeros((1, 2, 2, 10), np.float32), channels=1)
+    with pytest.raises(ValueError, match="1 \\(grey\\) or 3"):
+        DiscretizedMixtureOfLogistics(np.zeros((1, 2, 2, 12), np.float32), channels=2)

@@ -109,7 +109,8 @@ class Bernoulli:
 
 
 class DiscretizedMixtureOfLogistics:
-    """Discretized mixture of M logistics over RGB with autoregressive channel means (PixelCNN++ style).
+    """Discretized mixture of M logistics over RGB with autoregressive channel means (PixelCNN++ style), or over
+    one grey channel (`channels=1`: parameters `[batch, h, w, 3 M]`, M logits, M means, M log-scales).
 
     Parameters `[batch, h, w, 10 M]`: channels [0, M) are mixture logits; the other 9M, viewed as
     (3 colours, 3M), hold per colour M means, M log-scales (clamped at -7) and M coefficients (tanh). The
@@ -125,23 +126,38 @@ class DiscretizedMixtureOfLogistics:
     by pdf x bin width where it is at most 1e-5.
     """
 
-    def __init__(self, params, num_bits=8, reference_edges=False):
+    def __init__(self, params, num_bits=8, reference_edges=False, channels=3):
         params = ops.cast(params, "float32")
         num_params = params.shape[-1]
-        if num_params % 10:
-            raise ValueError(f"a 3-channel mixture of logistics needs 10*M parameters, got {num_params}")
-        m = num_params // 10
+        if channels not in (1, 3):
+            raise ValueError(f"a mixture of logistics models 1 (grey) or 3 (RGB) channels, not {channels}")
+        per_mixture = self.params_per_mixture(channels)
+        if num_params % per_mixture:
+            raise ValueError(f"a {channels}-channel mixture of logistics needs {per_mixture}*M parameters, got "
+                             f"{num_params}")
+        m = num_params // per_mixture
         self.num_mixtures = m
+        self.channels = channels
         self.num_bits = int(num_bits)
         self.reference_edges = bool(reference_edges)
         self.logits = params[..., :m]
-        rest = ops.reshape(params[..., m:], (*ops.shape(params)[:-1], 3, 3 * m))
-        self.means = rest[..., :m]  # [b, h, w, 3, M]
+        per_channel = (per_mixture - 1) // channels  # means, log-scales (and coefficients for RGB)
+        rest = ops.reshape(params[..., m:], (*ops.shape(params)[:-1], channels, per_channel * m))
+        self.means = rest[..., :m]  # [b, h, w, C, M]
         self.log_scales = ops.maximum(rest[..., m:2 * m], -7.0)
-        self.coeffs = ops.tanh(rest[..., 2 * m:])
+        self.coeffs = ops.tanh(rest[..., 2 * m:]) if channels == 3 else None
+
+    @staticmethod
+    def params_per_mixture(channels):
+        """Parameters per mixture component: a logit, and per channel a mean and a log-scale, plus the three
+        colour coefficients of RGB (10 for RGB, 3 for grey)."""
+        return 10 if channels == 3 else 3
 
     def _channel_means(self, red, green):
-        """Means of the three colours given red and green values broadcastable to `[b, h, w, M]`."""
+        """Means of the three colours given red and green values broadcastable to `[b, h, w, M]` (grey: the
+        means)."""
+        if self.channels == 1:
+            return self.means
         mean_r = self.means[..., 0, :]
         mean_g = self.means[..., 1, :] + self.coeffs[..., 0, :] * red
         mean_b = self.means[..., 2, :] + self.coeffs[..., 1, :] * red + self.coeffs[..., 2, :] * green
@@ -194,12 +210,14 @@ class DiscretizedMixtureOfLogistics:
         unit = isinstance(temperature, (int, float)) and temperature == 1.0
         perturbed = (self.logits if unit else self.logits / temperature) + gumbel
         select = ops.cast(perturbed >= ops.max(perturbed, axis=-1, keepdims=True), "float32")[..., None, :]
-        means = ops.sum(self.means * select, axis=-1)  # [b, h, w, 3]
+        means = ops.sum(self.means * select, axis=-1)  # [b, h, w, C]
         log_scales = ops.sum(self.log_scales * select, axis=-1)
-        coeffs = ops.sum(self.coeffs * select, axis=-1)
         u = noise.uniform(ops.shape(means))
         scales = ops.exp(log_scales) if unit else ops.exp(log_scales) / temperature
         x = means + scales * (ops.log(u) - ops.log(1.0 - u))
+        if self.channels == 1:
+            return (ops.clip(x, -1.0, 1.0) + 1.0) / 2.0
+        coeffs = ops.sum(self.coeffs * select, axis=-1)
         red = ops.clip(x[..., 0], -1.0, 1.0)
         green = ops.clip(x[..., 1] + coeffs[..., 0] * red, -1.0, 1.0)
         blue = ops.clip(x[..., 2] + coeffs[..., 1] * red + coeffs[..., 2] * green, -1.0, 1.0)
@@ -213,6 +231,8 @@ class DiscretizedMixtureOfLogistics:
             return ops.clip(ops.sum(weights * values, axis=-1, keepdims=True), -1.0, 1.0)
 
         red = weighted(self.means[..., 0, :])
+        if self.channels == 1:
+            return (red + 1.0) / 2.0
         green = weighted(self.means[..., 1, :] + self.coeffs[..., 0, :] * red)
         blue = weighted(self.means[..., 2, :] + self.coeffs[..., 1, :] * red + self.coeffs[..., 2, :] * green)
         return (ops.concatenate([red, green, blue], axis=-1) + 1.0) / 2.0

@@ -194,7 +194,8 @@ class NVAE(keras.Model):
             for i in range(c.num_postprocess_cells - 1):
                 self.postprocess.append(GenerativeCell(dec_channels, "normal", POSTPROCESS_EXPANSION, c.use_se,
                                                        name=f"post_{b}_{i}"))
-        head_channels = c.image_channels if c.decoder == "bernoulli" else 10 * c.num_mixture_dec
+        head_channels = (c.image_channels if c.decoder == "bernoulli" else
+                         DiscretizedMixtureOfLogistics.params_per_mixture(c.image_channels) * c.num_mixture_dec)
         self.head = Conv2D(head_channels, 3, name="head")
         self.seed_generator = keras.random.SeedGenerator(c.seed, name="nvae_noise")
 
@@ -355,7 +356,8 @@ class NVAE(keras.Model):
         if self.config.decoder == "bernoulli":
             return Bernoulli(params)
         return DiscretizedMixtureOfLogistics(params, self.config.num_x_bits,
-                                             reference_edges=self.config.reference_logistic)
+                                             reference_edges=self.config.reference_logistic,
+                                             channels=self.config.image_channels)
 
     def decode_pixels(self, params, mode="sample", noise=None, temperature=1.0):
         """Images in [0, 1] from decoder parameters: a draw (`sample`, on the bit grid) or the `mean`.
