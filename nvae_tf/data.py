@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from nvae_tf import options
+from nvae_tf import options, runs
 from nvae_tf.errors import RunError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -209,7 +209,7 @@ def _reachable(host, timeout=PROBE_SECONDS):
 def _tfds_source(config, data_dir, download):
     import tensorflow_datasets as tfds
     tfds_name, splits = TFDS[config.dataset]
-    where = data_dir or os.path.expanduser("~/tensorflow_datasets")
+    where = _tfds_folder(data_dir)
     if config.dataset == "mnist":
         prep = lambda x: pad_to(x, 32)  # noqa: E731
     elif config.dataset == "celeba64":
@@ -245,7 +245,7 @@ def _tfds_source(config, data_dir, download):
                             f"directory that has it and give it as --data_dir. With --nodownload a run stops at "
                             f"once when the data is missing.") from None
         logging.info("%s: downloading and preparing TFDS %s in %s (once)", config.dataset, tfds_name, where)
-        with _removed_on_failure(where):
+        with runs.FolderSnapshot(where):  # a failed download leaves the folder as it was
             load(first, download=True)
 
     sizes = {}
@@ -257,32 +257,12 @@ def _tfds_source(config, data_dir, download):
                   binarize=config.dataset == "mnist", location=location)
 
 
-class _removed_on_failure:
-    """Within it, whatever a failure leaves in `folder` that was not there before is removed (the folder too, if
-    it did not exist): a download that fails writes nothing into the user's data folder."""
-
-    def __init__(self, folder):
-        self.folder = folder
-
-    def __enter__(self):
-        self.existed = os.path.isdir(self.folder)
-        self.before = set(os.listdir(self.folder)) if self.existed else set()
-
-    def __exit__(self, kind, _value, _tb):
-        if kind is None:
-            return False
-        import shutil
-        if not self.existed:
-            shutil.rmtree(self.folder, ignore_errors=True)
-        elif os.path.isdir(self.folder):
-            for name in set(os.listdir(self.folder)) - self.before:
-                path = os.path.join(self.folder, name)
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-        return False
+def _tfds_folder(data_dir):
+    return data_dir or os.path.expanduser("~/tensorflow_datasets")
 
 
 def _tfds_missing_message(dataset, tfds_name, data_dir, error, download):
-    where = data_dir or os.path.expanduser("~/tensorflow_datasets")
+    where = _tfds_folder(data_dir)
     if dataset == "celebahq":
         manual = os.path.join(where, "downloads", "manual", CELEBAHQ_TFDS_ARCHIVE)
         return (f"celebahq: no data found. Give --data_dir either (a) a folder with the GLOW CelebA-HQ TFRecords "

@@ -57,14 +57,31 @@ def open_for_training(model_dir):
     return lock
 
 
-def remove_new_run_dir(model_dir, created):
-    """Empty `model_dir`, which was empty (or, with `created`, absent) before this process wrote into it, and remove
-    it if it was absent: what a run that failed before its first step leaves."""
-    for name in os.listdir(model_dir) if os.path.isdir(model_dir) else []:
-        path = os.path.join(model_dir, name)
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-    if created:
-        shutil.rmtree(model_dir, ignore_errors=True)
+class FolderSnapshot:
+    """What `folder` holds now (its top-level entries, or that it is absent). `undo()` removes whatever was added
+    since, and the folder itself if it was absent; as a context manager it undoes on an exception. So a download
+    or a run that fails leaves the user's folder as it found it."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.existed = os.path.isdir(folder)
+        self.before = set(os.listdir(folder)) if self.existed else set()
+
+    def undo(self):
+        if not self.existed:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return
+        for name in set(os.listdir(self.folder)) - self.before if os.path.isdir(self.folder) else ():
+            path = os.path.join(self.folder, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, _value, _tb):
+        if kind is not None:
+            self.undo()
+        return False
 
 
 def write_config(model_dir, config, write=True):

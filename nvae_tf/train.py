@@ -13,7 +13,6 @@ only the step counter (the data position), the skip counters and, under mixed_fl
 No checkpoint is written while any model or optimiser variable is non-finite (`nvae_tf.trainer`).
 """
 
-import os
 import signal
 import sys
 
@@ -35,8 +34,8 @@ def run(config, run_options, handle_signals=False):
     runs.check_model_dir(run_options.model_dir)
     chief = cli.process_is_chief()
     model_dir = run_options.model_dir
-    created = not os.path.exists(model_dir)
-    fresh = created or (os.path.isdir(model_dir) and not os.listdir(model_dir))
+    before = runs.FolderSnapshot(model_dir)
+    fresh = not before.before  # absent or empty
     # The lock is taken before TensorFlow starts, so a second run on the same directory stops at once.
     lock = runs.open_for_training(model_dir) if chief else None
     trainer = None
@@ -80,7 +79,7 @@ def run(config, run_options, handle_signals=False):
             # directory is taken away again, so the same command can simply be run again.
             lock.release()
             lock = None
-            runs.remove_new_run_dir(model_dir, created)
+            before.undo()
         raise
     finally:
         if lock:

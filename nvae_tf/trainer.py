@@ -421,8 +421,7 @@ class Trainer:
                                               or now - self._last_images >= AUTO_IMAGE_SECONDS):
             self._write_images(step)
         every = self.options.eval_every
-        single_machine = getattr(self.strategy, "cluster_resolver", None) is None or not isinstance(
-            self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        single_machine = not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
         if (step % every == 0) if every else (single_machine and now - self._last_eval >= AUTO_EVAL_SECONDS):
             self._validate(step, stop_requested=stop_requested)
 

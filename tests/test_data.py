@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from conftest import load_flagfile
-from nvae_tf import data
+from nvae_tf import data, runs
 from nvae_tf.config import NVAEConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,14 +179,14 @@ def test_a_failed_download_leaves_the_data_folder_as_it_was(tmp_path):
     (folder / "old").mkdir()
     (folder / "old" / "data").write_text("kept")
     with pytest.raises(OSError):
-        with data._removed_on_failure(str(folder)):
+        with runs.FolderSnapshot(str(folder)):
             (folder / "downloads" / "mnist").mkdir(parents=True)
             (folder / "downloads" / "mnist" / "part.tmp").write_text("partial")
             (folder / "old" / "new_inside").write_text("x")  # inside a folder that was there: not ours to judge
             (folder / "mnist.incomplete").write_text("x")
             raise OSError("connection reset")
     assert sorted(os.listdir(folder)) == ["old"]
-    with data._removed_on_failure(str(folder)):  # success: everything stays
+    with runs.FolderSnapshot(str(folder)):  # success: everything stays
         (folder / "mnist").mkdir()
     assert sorted(os.listdir(folder)) == ["mnist", "old"]
 

@@ -22,7 +22,7 @@ from keras import ops
 from nvae_tf.model.cells import BatchNorm, EncoderCell, GenerativeCell
 from nvae_tf.model.distributions import Bernoulli, DiscretizedMixtureOfLogistics, KerasNoise, Normal
 from nvae_tf.model.flows import ARFlowCell
-from nvae_tf.model.ops import SHARED_KERNELS, Conv2D, channels_shape, sum_per_image
+from nvae_tf.model.ops import SHARED_KERNELS, Conv2D, channels_shape, sum_per_image, weight_normalized
 
 DECODER_EXPANSION = 6
 POSTPROCESS_EXPANSION = 3
@@ -394,7 +394,7 @@ class NVAE(keras.Model):
             if len({(tuple(l.kernel.shape), l.depthwise, l.weight_norm) for l in layers}) == 1:
                 stacked = stacked_effective_kernels(layers)
                 kernels.update((id(layer), k) for layer, k in zip(layers, ops.unstack(stacked)))
-                matrices.append(_stacked_matrices(stacked, layers[0].depthwise))
+                matrices.append(_as_matrices(stacked, layers[0].depthwise))
             else:  # one shape of matrix from kernels of different shapes: each kernel on its own
                 kernels.update((id(layer), layer.effective_kernel()) for layer in layers)
                 matrices.append(None)
@@ -433,7 +433,8 @@ class NVAE(keras.Model):
         """
         iterations = ops.where(self.power_iteration_started > 0, POWER_ITERATIONS, FIRST_POWER_ITERATIONS)
         shared = getattr(SHARED_KERNELS, "matrices", None) or [None] * len(self._sr_groups)
-        matrices = [ops.stack([_as_matrix(layer) for layer in layers]) if m is None else m
+        matrices = [m if m is not None else ops.stack([_as_matrices(c.effective_kernel(), c.depthwise)
+                                                       for c in layers])
                     for layers, m in zip(self._sr_groups, shared)]
         # One loop iterates every shape group (a loop per group costs as much to trace again as its body).
         us, vs, _ = ops.fori_loop(0, iterations, _power_steps,
@@ -485,29 +486,21 @@ def stacked_effective_kernels(layers):
         kernel = kernel * ops.cast(masks, kernel.dtype)
     if not first.weight_norm:
         return kernel
-    norm = ops.sqrt(ops.sum(ops.square(kernel), axis=tuple(a + 1 for a in first._norm_axes), keepdims=True))
-    scale = ops.exp(ops.stack([layer.log_weight_norm.value for layer in layers]))
-    scale = ops.reshape(scale, (len(layers), 1, 1, -1, 1) if first.depthwise else (len(layers), 1, 1, 1, -1))
-    return kernel * (scale / (norm + 1e-5))
+    return weight_normalized(kernel, ops.stack([layer.log_weight_norm.value for layer in layers]), first.depthwise)
 
 
-def _stacked_matrices(kernels, depthwise):
-    """`[n, k, k, in, out]` -> `[n, out, k*k*in]` (depthwise `[n, k, k, C, 1]` -> `[n, C, k*k]`), as `_as_matrix`."""
-    n, k, _, cin, cout = kernels.shape
-    if depthwise:
-        return ops.reshape(ops.transpose(kernels, (0, 3, 1, 2, 4)), (n, cin, k * k))
-    return ops.reshape(ops.transpose(kernels, (0, 4, 1, 2, 3)), (n, cout, k * k * cin))
+def _as_matrices(kernels, depthwise):
+    """Kernels as matrices, over any leading axes: `[..., k, k, in, out]` -> `[..., out, k*k*in]`, depthwise
+    `[..., k, k, C, 1]` -> `[..., C, k*k]`."""
+    lead = tuple(kernels.shape[:-4])
+    k, _, cin, cout = kernels.shape[-4:]
+    first = tuple(range(len(lead)))
+    rows = len(lead) + (2 if depthwise else 3)  # the axis that becomes the rows
+    others = [a for a in range(len(lead), len(lead) + 4) if a != rows]
+    return ops.reshape(ops.transpose(kernels, (*first, rows, *others)),
+                       (*lead, cin if depthwise else cout, k * k * (1 if depthwise else cin)))
 
 
 def _matrix_shape(layer):
     k, _, cin, cout = layer.kernel.shape
     return (cin, k * k) if layer.depthwise else (cout, k * k * cin)
-
-
-def _as_matrix(layer):
-    """The effective kernel as a matrix: `[k, k, in, out]` -> `[out, k*k*in]`, depthwise -> `[C, k*k]`."""
-    kernel = layer.effective_kernel()
-    k, _, cin, cout = kernel.shape
-    if layer.depthwise:
-        return ops.reshape(ops.transpose(kernel, (2, 0, 1, 3)), (cin, k * k))
-    return ops.reshape(ops.transpose(kernel, (3, 0, 1, 2)), (cout, k * k * cin))

@@ -33,6 +33,18 @@ def _fan_in_uniform(fan_in):
     return keras.initializers.RandomUniform(-bound, bound)
 
 
+def weight_normalized(kernel, log_weight_norm, depthwise):
+    """`exp(g) * v / (||v|| + 1e-5)` per output channel (per input channel for a depthwise kernel), the norm over
+    (kernel height, kernel width, input channels), for kernels `[..., k, k, in, out]` and log weight norms
+    `[..., channels]` with the same leading axes (one kernel, or a stack of them). The per-channel factor is
+    formed first: the gradient then keeps only the kernel and that factor, not a kernel-sized intermediate."""
+    lead = len(kernel.shape) - 4
+    axes = tuple(lead + a for a in ((0, 1) if depthwise else (0, 1, 2)))
+    norm = ops.sqrt(ops.sum(ops.square(kernel), axis=axes, keepdims=True))
+    shape = tuple(kernel.shape[:lead]) + ((1, 1, -1, 1) if depthwise else (1, 1, 1, -1))
+    return kernel * (ops.reshape(ops.exp(log_weight_norm), shape) / (norm + 1e-5))
+
+
 # Effective kernels computed once and shared by a forward pass and the spectral regulariser, by `id(layer)`
 # (`NVAE.shared_kernels()`). Per thread: a distribution strategy traces its replicas in threads of their own.
 SHARED_KERNELS = threading.local()
@@ -108,12 +120,7 @@ class Conv2D(keras.layers.Layer):
         kernel = self._masked_kernel()
         if not self.weight_norm:
             return kernel
-        norm = ops.sqrt(ops.sum(ops.square(kernel), axis=self._norm_axes, keepdims=True))
-        scale = ops.exp(self.log_weight_norm)
-        scale = ops.reshape(scale, (1, 1, -1, 1) if self.depthwise else (1, 1, 1, -1))
-        # The per-channel factor first: the gradient then keeps only the kernel and that factor, not a
-        # kernel-sized intermediate.
-        return kernel * (scale / (norm + 1e-5))
+        return weight_normalized(kernel, self.log_weight_norm, self.depthwise)
 
     def call(self, x):
         kernel = self.effective_kernel()
