@@ -11,6 +11,7 @@ import shutil
 import struct
 
 import tensorflow as tf
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from nvae_tf.objective import bits_per_dim
 from nvae_tf.sampling import MAX_TEMPERATURE, reconstruct
@@ -206,6 +207,11 @@ def export_saved_model(model, path, max_samples=64, pixels="sample"):
     return signatures
 
 
+# Sampler weights (elements) up to which the TFLite converter is given them frozen into the graph; a larger
+# sampler is given as variables (a frozen graph is one protocol buffer, at most 2 GiB).
+FROZEN_SAMPLER_LIMIT = 1 << 28
+
+
 def export_tflite(model, path, batch=1, pixels="sample", quantize="none", scratch=None):
     """Write the TFLite sampler, converted with builtin ops only. Returns the number of sampler weights.
 
@@ -225,9 +231,21 @@ def export_tflite(model, path, batch=1, pixels="sample", quantize="none", scratc
 
     spec = [tf.TensorSpec([], tf.float32, name="temperature"), tf.TensorSpec([], tf.int64, name="seed")]
     scratch = scratch or path + ".savedmodel.tmp"
+    traced = tf.function(sampler, input_signature=spec, autograph=False).get_concrete_function()
+    weights = sum(int(v.shape.num_elements()) for v in traced.variables)
     try:
-        traced = save_functions(model, scratch, {"sampler": (sampler, spec)})["sampler"]
-        weights = sum(int(v.shape.num_elements()) for v in traced.variables)
+        if weights <= FROZEN_SAMPLER_LIMIT:
+            # The converter reads a SavedModel. The weights are frozen into the graph first: a SavedModel
+            # without variables is written and read back in about a second, where one with the model's
+            # variables (and their save and restore functions) took most of the conversion's time.
+            frozen = convert_variables_to_constants_v2(traced)
+            named = tf.function(lambda temperature, seed: tf.nest.pack_sequence_as(traced.structured_outputs,
+                                                                                  frozen(temperature, seed)),
+                                input_signature=spec, autograph=False).get_concrete_function()
+            tf.saved_model.save(tf.Module(), scratch, signatures={"sampler": named},
+                                options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
+        else:
+            save_functions(model, scratch, {"sampler": (sampler, spec)})
         converter = tf.lite.TFLiteConverter.from_saved_model(scratch, signature_keys=["sampler"])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         if quantize == "float16":

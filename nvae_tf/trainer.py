@@ -145,24 +145,37 @@ class Trainer:
         power-iteration vector are finite (one decision for all replicas). Otherwise the forward pass's changes
         to `forward_state` are undone, so the model, the optimiser and the schedules are exactly as before."""
         strategy = self.strategy
-        before = [tf.identity(v) for v in self.forward_state]
+        # The fused BatchNorm layers' running statistics are computed and left unassigned during the pass
+        # (`deferred_statistics`); the rest of the forward state is copied before it.
+        deferred = {id(v) for bn in self.model.batchnorm_layers if bn.training_fn is distribute.fused_batch_norm
+                    for v in (bn.moving_mean, bn.moving_variance)}
+        copied = [v for v in self.forward_state if id(v) not in deferred]
+        before = [tf.identity(v) for v in copied]
         learning_rate = self.schedule(self.optimizer.iterations)
-        grads, metrics = strategy.run(self._replica_step, args=(images,))
+        with distribute.deferred_statistics() as statistics:
+            grads, metrics = strategy.run(self._replica_step, args=(images,))
+        statistics = statistics.groups()
         grads = [strategy.experimental_local_results(g)[0] for g in grads]
         if self.fp16:  # without mixed_float16 the loss is not scaled
             grads = [g / self.loss_scale for g in grads]
         metrics = {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in metrics.items()}
-        grad_norm = tf.linalg.global_norm(grads)
-        state_finite = [tf.reduce_all(tf.math.is_finite(v)) for v in self.forward_state
-                        if tf.as_dtype(v.dtype).is_floating]
+        # The gradients stacked as the optimiser keeps its slots: the norm and the update read the stacks (a few
+        # dozen tensors instead of one per variable).
+        stacked = self.optimizer.stack_gradients(grads)
+        grad_norm = tf.linalg.global_norm(stacked)
+        state_finite = [tf.reduce_all(tf.math.is_finite(v)) for v in copied if tf.as_dtype(v.dtype).is_floating]
+        state_finite += [tf.reduce_all(tf.math.is_finite(after)) for _, _, after in statistics]
         finite = tf.logical_and(tf.math.is_finite(grad_norm), tf.math.is_finite(metrics["loss"]))
         finite = tf.logical_and(finite, tf.reduce_all(tf.stack(state_finite)))
 
         # Every piece of state takes its new value or keeps its old one by `finite`: no branch (a conditional
         # over the whole update cost seconds to trace and thousands of graph nodes).
         with tf.control_dependencies([finite]):  # no stacked copy of the weights before the gradients are done
-            self.optimizer.apply_stacked(self.optimizer.stack_gradients(grads), gate=finite)
-        for variable, value in zip(self.forward_state, before):
+            self.optimizer.apply_stacked(stacked, gate=finite)
+        for variables, before_step, after in statistics:
+            for variable, value in zip(variables, tf.unstack(tf.where(finite, after, before_step))):
+                variable.assign(value)
+        for variable, value in zip(copied, before):
             variable.assign(tf.where(finite, variable, value))
         skipped = tf.cast(tf.logical_not(finite), tf.int64)
         self.skipped.assign_add(skipped)

@@ -46,6 +46,36 @@ def test_training_batch_norm_matches_numpy_and_updates_the_running_statistics(tr
     np.testing.assert_allclose(layer.moving_variance.numpy(), expected[2], rtol=1e-6, atol=1e-6)
 
 
+def test_deferred_statistics_leave_the_variables_alone_and_give_the_numpy_updates_grouped_by_shape():
+    """Three layers (two of 4 channels, one of 3; the first run twice): nothing is assigned during the passes, and
+    the groups hold the values before and the chained updates of float64 NumPy."""
+    rng = np.random.default_rng(3)
+    layers = [make_layer(4, rng), make_layer(3, rng), make_layer(4, rng)]
+    for layer in layers:
+        layer.training_fn = distribute.fused_batch_norm
+    inputs = [(rng.normal(size=(5, 3, 2, c)) * 2.0 + 1.0).astype("float32") for c in (4, 3, 4, 4)]
+    before = {id(v): v.numpy().copy() for layer in layers for v in (layer.moving_mean, layer.moving_variance)}
+    expected = dict(before)
+    with distribute.deferred_statistics() as statistics:
+        for layer, x in zip([layers[0], layers[1], layers[2], layers[0]], inputs):
+            layer(tf.constant(x), training=True)
+            _, expected[id(layer.moving_mean)], expected[id(layer.moving_variance)] = numpy_batch_norm(
+                x, 1.0, 0.0, expected[id(layer.moving_mean)], expected[id(layer.moving_variance)])
+    for layer in layers:
+        for v in (layer.moving_mean, layer.moving_variance):
+            np.testing.assert_array_equal(v.numpy(), before[id(v)])
+    groups = statistics.groups()
+    # layer 0 (two updates), layer 2 (one) of 4 channels and layer 1 (one) of 3: three kinds, six variables.
+    assert sorted((len(vs), tuple(b.shape)) for vs, b, _ in groups) == [(2, (2, 3)), (2, (2, 4)), (2, (2, 4))]
+    for variables, before_step, after in groups:
+        for k, v in enumerate(variables):
+            np.testing.assert_array_equal(before_step[k].numpy(), before[id(v)])
+            np.testing.assert_allclose(after[k].numpy(), expected[id(v)], rtol=1e-6, atol=1e-6)
+    # Outside the context the update is immediate again.
+    layers[1](tf.constant(inputs[1]), training=True)
+    assert not np.array_equal(layers[1].moving_mean.numpy(), before[id(layers[1].moving_mean)])
+
+
 def test_fused_batch_norm_leaves_the_running_statistics_alone_when_told_and_has_keras_gradients():
     rng = np.random.default_rng(1)
     x = tf.constant((rng.normal(size=(4, 3, 3, 5)) * 2.0 - 1.0).astype("float32"))

@@ -721,6 +721,32 @@ def test_tflite_file_size_is_about_the_sampler_weights(exports):
     assert 4 * weights <= size <= 1.2 * 4 * weights, (size, weights)
 
 
+def test_tflite_sampler_is_the_same_from_frozen_weights_and_from_variables(tmp_path, monkeypatch):
+    """A sampler up to FROZEN_SAMPLER_LIMIT weights is converted with its weights frozen into the graph, a larger
+    one from its variables: both give the same images and the same refusals."""
+    from nvae_tf import serving
+    from nvae_tf.model import NVAE
+    model = NVAE(flagfile_config("tiny"))
+    model.build()
+    paths = {"frozen": str(tmp_path / "frozen.tflite"), "variables": str(tmp_path / "variables.tflite")}
+    frozen = []
+    freeze = serving.convert_variables_to_constants_v2
+    monkeypatch.setattr(serving, "convert_variables_to_constants_v2", lambda f: frozen.append(f) or freeze(f))
+    weights = serving.export_tflite(model, paths["frozen"], batch=1)
+    monkeypatch.setattr(serving, "FROZEN_SAMPLER_LIMIT", weights - 1)
+    assert serving.export_tflite(model, paths["variables"], batch=1) == weights
+    assert len(frozen) == 1  # the first conversion only
+    interpreters = {k: tflite_interpreter(p) for k, p in paths.items()}
+    for interpreter in interpreters.values():
+        assert interpreter.get_signature_list() == {"sampler": {"inputs": ["seed", "temperature"],
+                                                                "outputs": ["images", "valid"]}}
+    for seed, temperature in (*TFLITE_PAIRS, (3, math.nan), (4, 2.5)):
+        (a, valid_a), (b, valid_b) = (run_tflite(interpreters[k], seed, temperature) for k in paths)
+        assert int(valid_a) == int(valid_b) == int(0 < temperature <= 2), (seed, temperature)
+        assert np.abs(a.astype(np.int32) - b.astype(np.int32)).max() <= 1, (seed, temperature)
+        assert a.any() == bool(valid_a)
+
+
 # ========================================================================================== HashNoise
 def lowbias32(x):
     """Reference 32-bit hash in NumPy uint64 arithmetic (mod 2^32), independent of TensorFlow."""
