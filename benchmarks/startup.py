@@ -51,6 +51,9 @@ def measure_training(config_name, batch, steps, remat, start):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, ROOT)
     import numpy as np
+
+    from nvae_tf import cli
+    cli.import_tensorflow()  # as the commands import it
     import tensorflow as tf
     from absl import flags, logging
 

@@ -101,6 +101,22 @@ def configure_console(verbose=False):
     handler.activate_python_handler()
 
 
+def import_tensorflow():
+    """Import TensorFlow (and Keras with it) with scikit-learn hidden: Keras imports scikit-learn, when it is
+    installed, for its scikit-learn wrappers, which nvae_tf does not use; that took a second or two of every
+    command. scikit-learn can be imported as usual afterwards."""
+    if "tensorflow" in sys.modules or "sklearn" in sys.modules:
+        import tensorflow  # noqa: F401
+        return
+    sys.modules["sklearn"] = None  # `import sklearn` raises ImportError, which Keras expects without it
+    try:
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+    finally:
+        if "sklearn" in sys.modules and sys.modules["sklearn"] is None:
+            del sys.modules["sklearn"]
+
+
 def main(command, doc, option_classes, run, usage=None, extra_flags=None):
     """Run a command: define its flags, parse argv, then `run(flag_values)` -> exit code.
 
@@ -133,6 +149,7 @@ def main(command, doc, option_classes, run, usage=None, extra_flags=None):
         return rest
 
     def app_main(_):
+        import_tensorflow()
         try:
             return run(fv) or 0
         except errors.RunError as e:

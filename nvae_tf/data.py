@@ -30,6 +30,7 @@ was counted is read up to the damage and named the same way.
 import dataclasses
 import errno
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -639,12 +640,24 @@ def _folder_splits(data_dir, files, seed, validation_fraction):
 DIGITS_VALIDATION = 300
 
 
+def digits_images():
+    """scikit-learn's 1,797 handwritten digits, `[1797, 8, 8]` float64 in 0..16, as `load_digits().images`. Read
+    straight from the file scikit-learn ships (importing scikit-learn takes a second or two); through
+    `load_digits` if that file is not where it is expected."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise DataError("the digits dataset needs scikit-learn: pip install scikit-learn")
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz")
+    if os.path.isfile(path):
+        table = np.loadtxt(path, delimiter=",")
+        if table.shape == (1797, 65):
+            return table[:, :64].reshape(-1, 8, 8)
+    from sklearn.datasets import load_digits
+    return load_digits().images
+
+
 def _digits_source(config):
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise DataError("the digits dataset needs scikit-learn: pip install scikit-learn") from e
-    images = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # [1797, 8, 8, 1]
+    images = np.round(digits_images() * (255.0 / 16.0)).astype(np.uint8)[..., None]  # [1797, 8, 8, 1]
     images = resize(tf.constant(images), config.image_size).numpy()
     order = np.random.default_rng(config.seed).permutation(len(images))
     parts = {"train": images[np.sort(order[DIGITS_VALIDATION:])], "validation": images[np.sort(order[:DIGITS_VALIDATION])]}

@@ -177,3 +177,16 @@ def test_the_model_package_imports_no_tensorflow():
             assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in imported), name
             assert not any(m.startswith("nvae_tf.") and not m.startswith(("nvae_tf.model", "nvae_tf.config"))
                            for m in imported), (name, imported)
+
+
+def test_commands_import_tensorflow_without_scikit_learn_which_stays_importable():
+    script = ("import sys\n"
+              "from nvae_tf import cli\n"
+              "cli.import_tensorflow()\n"
+              "import keras, tensorflow\n"
+              "print('sklearn' in sys.modules)\n"
+              "from sklearn.svm import SVC\n"
+              "print(SVC.__name__)\n")
+    r = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["False", "SVC"], r.stdout

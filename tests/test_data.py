@@ -568,6 +568,15 @@ def test_digits_are_real_binarised_16x16_images():
     assert ink[6:10, 6:10].mean() > 2 * ink[[0, 0, -1, -1], [0, -1, 0, -1]].mean()
 
 
+def test_digits_read_from_scikit_learns_file_are_load_digits_images(monkeypatch):
+    from sklearn.datasets import load_digits
+    expected = load_digits().images
+    np.testing.assert_array_equal(data.digits_images(), expected)
+    # Without the file where it is expected, load_digits gives them.
+    monkeypatch.setattr(data.os.path, "isfile", lambda path: False)
+    np.testing.assert_array_equal(data.digits_images(), expected)
+
+
 def test_grey_digits_are_the_same_digits_in_grey_levels_for_a_mixture_of_logistics():
     grey_config = load_flagfile("digits_grey")
     assert grey_config.decoder == "logistic_mixture" and grey_config.image_shape == (16, 16, 1)
