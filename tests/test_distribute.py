@@ -99,6 +99,24 @@ def test_fused_batch_norm_leaves_the_running_statistics_alone_when_told_and_has_
         np.testing.assert_allclose(g_fused.numpy(), g_plain.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_lean_swish_has_silus_values_and_gradients_and_numpys():
+    rng = np.random.default_rng(4)
+    x = tf.constant((rng.normal(size=(3, 5, 4, 6)) * 4.0).astype("float32"))
+    upstream = tf.constant(rng.normal(size=x.shape).astype("float32"))
+    results = []
+    for fn in (distribute.lean_swish, tf.nn.silu):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x)
+        results.append((y.numpy(), tape.gradient(y, x, output_gradients=upstream).numpy()))
+    for lean, silu in zip(*results):
+        np.testing.assert_array_equal(lean, silu)
+    x64, dy = x.numpy().astype(np.float64), upstream.numpy().astype(np.float64)
+    s = 1.0 / (1.0 + np.exp(-x64))
+    np.testing.assert_allclose(results[0][0], x64 * s, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(results[0][1], dy * (s + x64 * s * (1.0 - s)), rtol=1e-5, atol=1e-5)
+
+
 def test_prepare_model_fuses_on_one_replica():
     from conftest import load_flagfile
 
@@ -107,6 +125,8 @@ def test_prepare_model_fuses_on_one_replica():
     model.build()
     distribute.prepare_model(model, tf.distribute.get_strategy())
     assert all(bn.training_fn is distribute.fused_batch_norm for bn in model.batchnorm_layers)
+    from nvae_tf.model import ops as model_ops
+    assert model_ops._swish is distribute.lean_swish
 
 
 def test_kernels_shared_by_the_forward_pass_and_the_regulariser_give_the_same_loss_and_gradients():

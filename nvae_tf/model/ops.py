@@ -12,9 +12,20 @@ import numpy as np
 from keras import ops
 
 
+# A runtime may give swish an implementation of its own with the same values (`set_swish`), e.g. one whose
+# gradient takes fewer graph ops.
+_swish = None
+
+
+def set_swish(fn):
+    """Compute `swish` with `fn` from now on (None: `keras.ops.silu`)."""
+    global _swish
+    _swish = fn
+
+
 def swish(x):
     """x * sigmoid(x)."""
-    return ops.silu(x)
+    return ops.silu(x) if _swish is None else _swish(x)
 
 
 def sum_per_image(x):
