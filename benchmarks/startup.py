@@ -53,7 +53,7 @@ def measure_training(config_name, batch, steps, remat, start):
     import numpy as np
 
     from nvae_tf import cli
-    cli.import_tensorflow()  # as the commands import it
+    cli.hide_scikit_learn_from_keras()  # as the commands do
     import tensorflow as tf
     from absl import flags, logging
 

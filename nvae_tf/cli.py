@@ -8,6 +8,7 @@ TensorFlow's log lines (banners, MLIR and Grappler notes) are hidden unless `--v
 sets TF_CPP_MIN_LOG_LEVEL; our own lines go to stderr as `[nvae_tf] message` (warnings as `warning: message`).
 """
 
+import importlib.abc
 import json
 import logging as py_logging
 import os
@@ -101,20 +102,26 @@ def configure_console(verbose=False):
     handler.activate_python_handler()
 
 
-def import_tensorflow():
-    """Import TensorFlow (and Keras with it) with scikit-learn hidden: Keras imports scikit-learn, when it is
-    installed, for its scikit-learn wrappers, which nvae_tf does not use; that took a second or two of every
-    command. scikit-learn can be imported as usual afterwards."""
-    if "tensorflow" in sys.modules or "sklearn" in sys.modules:
-        import tensorflow  # noqa: F401
-        return
-    sys.modules["sklearn"] = None  # `import sklearn` raises ImportError, which Keras expects without it
-    try:
-        import keras  # noqa: F401
-        import tensorflow  # noqa: F401
-    finally:
-        if "sklearn" in sys.modules and sys.modules["sklearn"] is None:
-            del sys.modules["sklearn"]
+class _NoScikitLearnForKeras(importlib.abc.MetaPathFinder):
+    """Keras imports scikit-learn, when it is installed, for its scikit-learn wrappers, which nvae_tf does not use;
+    that took a second or two of every command. Installed (`hide_scikit_learn_from_keras`), this finder makes
+    those imports fail as if scikit-learn were absent, which Keras expects; any other import of it proceeds."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] != "sklearn":
+            return None
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_globals.get("__name__", "").startswith("keras.src.wrappers"):
+                raise ModuleNotFoundError(f"{name} is not imported for Keras's scikit-learn wrappers", name=name)
+            frame = frame.f_back
+        return None
+
+
+def hide_scikit_learn_from_keras():
+    """Install `_NoScikitLearnForKeras` (once); imports nothing."""
+    if not any(isinstance(f, _NoScikitLearnForKeras) for f in sys.meta_path):
+        sys.meta_path.insert(0, _NoScikitLearnForKeras())
 
 
 def main(command, doc, option_classes, run, usage=None, extra_flags=None):
@@ -149,7 +156,7 @@ def main(command, doc, option_classes, run, usage=None, extra_flags=None):
         return rest
 
     def app_main(_):
-        import_tensorflow()
+        hide_scikit_learn_from_keras()
         try:
             return run(fv) or 0
         except errors.RunError as e:
