@@ -176,6 +176,8 @@ def deferred_statistics():
 
 
 class DeferredStatistics:
+    """The running statistics recorded within one `deferred_statistics` context."""
+
     def __init__(self, entries):
         self._entries = entries
 
