@@ -21,6 +21,7 @@ class DatasetInfo:
     channels: int
     binary: bool  # Bernoulli decoder on binarised images; otherwise a mixture of logistics
     likelihood_crop: int = 0  # pixels on each side left out of the likelihood (MNIST is padded 28 -> 32)
+    resizable: bool = False  # image_size is a default that --image_size may change
 
 
 DATASETS = {
@@ -31,8 +32,8 @@ DATASETS = {
     "celebahq": DatasetInfo(256, 3, False),
     "ffhq": DatasetInfo(256, 3, False),
     "folder": DatasetInfo(0, 3, False),
-    "digits": DatasetInfo(16, 1, True),
-    "digits_grey": DatasetInfo(16, 1, False),
+    "digits": DatasetInfo(16, 1, True, resizable=True),
+    "digits_grey": DatasetInfo(16, 1, False, resizable=True),
 }
 
 
@@ -56,7 +57,8 @@ def _training(default, help_text):
 class NVAEConfig:
     # Data.
     dataset: str = _data("cifar10", "Dataset: " + ", ".join(DATASETS) + ".", choices=DATASETS)
-    image_size: int = _data(0, "Image height and width; 0 takes the dataset's own size (required for 'folder').")
+    image_size: int = _data(0, "Image height and width; 0 takes the dataset's own size (required for 'folder'; "
+                               "the 8x8 digits are resized to it, 16 by default).")
     num_x_bits: int = _data(8, "Bits per colour channel the model sees (5 for the 256x256 datasets).")
     # Architecture.
     num_channels_enc: int = _model(32, "Channels of the encoder at full resolution (Ce).")
@@ -114,7 +116,7 @@ class NVAEConfig:
                              "num_mixture_dec", "batch_size", "epochs")
         if self.image_size <= 0:
             raise ConfigError("image_size", f"dataset {self.dataset!r} needs a positive --image_size")
-        if info.image_size and self.image_size != info.image_size:
+        if info.image_size and self.image_size != info.image_size and not info.resizable:
             raise ConfigError("image_size", f"dataset {self.dataset!r} has {info.image_size}x{info.image_size} "
                                             f"images, got {self.image_size}")
         if self.num_postprocess_blocks != self.num_preprocess_blocks:

@@ -117,6 +117,7 @@ class Trainer:
         self._probe = None
         self._resumed = False
         self._traced = False
+        self._pictures = self._picture_inputs = None
 
     @property
     def first_step_done(self):
@@ -476,6 +477,28 @@ class Trainer:
             self.writer.flush()
         return bpd
 
+    def picture_arrays(self, images):
+        """(inputs, reconstructions, samples `[len(SAMPLE_TEMPERATURES), n, H, W, C]`) as the TensorBoard pictures
+        show them, for uint8 `images`: decoder means, the reconstructions and every temperature's samples drawn
+        from the same seeded noise (`config.seed`, "summary_noise"), restarted at every call. One traced function
+        (traced again only for another batch size), so pictures cost a few decoder passes, not seconds of eager
+        ops."""
+        if self._pictures is None:
+            generator = keras.random.SeedGenerator(self.config.seed, name="summary_noise")
+            start = tf.identity(generator.state)
+            noise = sampling.KerasNoise(generator)
+            n = self.options.num_summary_images
+
+            def pictures(batch):
+                generator.state.assign(start)
+                inputs, recon = sampling.reconstruct(self.model, batch, pixels="mean", noise=noise)
+                generator.state.assign(start)
+                rows = [self.model.sample(n, t, noise=noise, mode="mean") for t in SAMPLE_TEMPERATURES]
+                return inputs, recon, tf.stack(rows)
+
+            self._pictures = tf.function(pictures, autograph=False)
+        return [x.numpy() for x in self._pictures(images)]
+
     def _write_images(self, step):
         """TensorBoard pictures at `step`: validation images beside their reconstructions, and one grid of
         samples with a row per temperature, each row labelled. The noise is seeded the same way every time (the
@@ -485,16 +508,16 @@ class Trainer:
         if not self.chief or n == 0:
             return
         started = time.time()
-        with self.writer.as_default(step=step):
+        if self._picture_inputs is None:
             first = next(iter(self._validation_data()), None)
-            if first is not None:
-                inputs, recon = sampling.reconstruct(self.model, first[:n], pixels="mean",
-                                                     noise=sampling.seeded_noise(self.config.seed, "summary_noise"))
+            self._picture_inputs = first[:n] if first is not None else tf.zeros([0, *self.config.image_shape],
+                                                                                 tf.uint8)
+        inputs, recon, rows = self.picture_arrays(self._picture_inputs)
+        with self.writer.as_default(step=step):
+            if len(inputs):
                 tf.summary.image("reconstructions", np.concatenate([inputs, recon], axis=2), max_outputs=n,
                                  step=step)
-            noise = sampling.seeded_noise(self.config.seed, "summary_noise")
-            rows = [self.model.sample(n, t, noise=noise, mode="mean").numpy() for t in SAMPLE_TEMPERATURES]
-            grid = imaging.make_grid(np.concatenate(rows), columns=n,
+            grid = imaging.make_grid(np.concatenate(list(rows)), columns=n,
                                      row_labels=[f"t={t:g}" for t in SAMPLE_TEMPERATURES])
             tf.summary.image("samples", grid[None], step=step)
         self.writer.flush()

@@ -147,6 +147,10 @@ def test_folder_dataset_takes_explicit_image_size():
     assert c.image_size == 48 and c.image_shape == (48, 48, 3) and c.data_dims == 3 * 48 * 48
     # A fixed dataset fills in its own size.
     assert _cifar(image_size=0).image_size == 32
+    # The built-in digits (8x8 originals) are resized to any size, 16 by default.
+    for dataset in ("digits", "digits_grey"):
+        assert NVAEConfig(dataset=dataset, num_latent_scales=1).image_shape == (16, 16, 1)
+        assert NVAEConfig(dataset=dataset, image_size=8, num_latent_scales=1).image_shape == (8, 8, 1)
 
 
 def test_valid_bit_depths_accepted():

@@ -589,6 +589,23 @@ def test_grey_digits_are_the_same_digits_in_grey_levels_for_a_mixture_of_logisti
     np.testing.assert_array_equal(images, raw)
 
 
+def test_digits_at_8x8_are_the_original_digits_in_the_same_split():
+    from sklearn.datasets import load_digits
+    native = data.open_source(config_for("digits_grey", image_size=8))
+    assert native.image_shape == (8, 8, 1) and native.sizes == {"train": 1497, "validation": 300}
+    images = np.stack([x.numpy() for x in native.read("validation")])[..., 0].astype(np.int64)
+    # Each is one of scikit-learn's images, its 0..16 levels scaled to 0..255 and rounded.
+    originals = np.round(load_digits().images * (255.0 / 16.0)).astype(np.int64)
+    index = {o.tobytes(): i for i, o in enumerate(originals)}
+    found = [index.get(x.tobytes()) for x in images]
+    assert None not in found and len(set(found)) == 300
+    # The 16x16 dataset's validation split holds the same digits, upscaled.
+    upscaled = np.stack([x.numpy() for x in data.open_source(config_for("digits_grey")).read("validation")])
+    pooled = upscaled[..., 0].reshape(300, 8, 2, 8, 2).mean(axis=(2, 4)).reshape(300, 64)
+    distance = ((pooled[:, None, :] - images.reshape(1, 300, 64)) ** 2).sum(axis=-1)
+    np.testing.assert_array_equal(distance.argmin(axis=1), np.arange(300))
+
+
 def test_training_pipeline_is_deterministic_under_a_seed_when_asked():
     source = data.open_source(load_flagfile("digits"))
     a = images_of(source.dataset("train", 64, training=True, deterministic=True, seed=11).take(3))

@@ -301,6 +301,31 @@ def test_tensorboard_holds_every_scalar_and_image_tag(trained):
     assert not np.array_equal(grids[0], grids[-1])  # the model changed between step 1 and step 190
 
 
+def test_pictures_are_traced_once_and_draw_what_the_eager_model_draws(tmp_path):
+    """The TensorBoard pictures come from one traced function: the same reconstructions and samples as the
+    model's eager calls with the seeded summary noise, the same again at the next call (the noise restarts),
+    and no new trace for a second call."""
+    from nvae_tf import sampling
+    from nvae_tf.trainer import SAMPLE_TEMPERATURES
+    config = small_config(batch_size=8, epochs=1)
+    trainer = make_trainer(tmp_path / "run", config, num_summary_images=3)
+    images = next(iter(trainer.source.dataset("validation", 3, training=False)))
+    inputs, recon, rows = trainer.picture_arrays(images)
+    assert rows.shape == (len(SAMPLE_TEMPERATURES), 3, *config.image_shape)
+    noise = sampling.seeded_noise(config.seed, "summary_noise")
+    eager_inputs, eager_recon = sampling.reconstruct(trainer.model, images, pixels="mean", noise=noise)
+    noise = sampling.seeded_noise(config.seed, "summary_noise")
+    eager_rows = [trainer.model.sample(3, t, noise=noise, mode="mean").numpy() for t in SAMPLE_TEMPERATURES]
+    np.testing.assert_array_equal(inputs, eager_inputs.numpy())
+    np.testing.assert_allclose(recon, eager_recon.numpy(), atol=1e-5)
+    np.testing.assert_allclose(rows, np.stack(eager_rows), atol=1e-5)
+    assert not np.allclose(rows[0], rows[-1], atol=1e-3)  # the temperatures differ
+    again = trainer.picture_arrays(images)
+    for a, b in zip(again, (inputs, recon, rows)):
+        np.testing.assert_array_equal(a, b)
+    assert trainer._pictures.experimental_get_tracing_count() == 1
+
+
 def test_pictures_and_validation_every_n_steps_leave_the_training_as_it_is(tmp_path):
     """--image_every=3 --eval_every=4 for 8 steps of a 187-step epoch: pictures at 3, 6 and the end (8),
     validation at 4 and 8. They draw no training noise and move no state: every model variable after the 8 steps
