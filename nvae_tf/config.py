@@ -101,6 +101,8 @@ class NVAEConfig:
     kl_anneal_portion: float = _training(0.3, "Fraction of training over which the KL weight beta rises to 1.")
     kl_const_portion: float = _training(1e-4, "Fraction of training at the constant smallest beta.")
     kl_const_coeff: float = _training(1e-4, "Smallest beta.")
+    kl_max_coeff: float = _training(1.0, "Largest beta, reached at the end of the KL warm-up (1 in NVAE; above 1 "
+                                         "the KL weighs more than the likelihood, as in a beta-VAE).")
     seed: int = _training(1, "Random seed.")
 
     def __post_init__(self):
@@ -133,7 +135,8 @@ class NVAEConfig:
         if self.num_nf < 0:
             raise ConfigError("num_nf", f"must be 0 or more, got {self.num_nf}")
         for name in ("learning_rate", "learning_rate_min", "weight_decay", "weight_decay_norm",
-                     "weight_decay_norm_init", "kl_anneal_portion", "kl_const_portion", "kl_const_coeff"):
+                     "weight_decay_norm_init", "kl_anneal_portion", "kl_const_portion", "kl_const_coeff",
+                     "kl_max_coeff"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must not be negative, got {getattr(self, name)}")
         if self.weight_decay_norm_anneal and (self.weight_decay_norm <= 0 or self.weight_decay_norm_init <= 0):

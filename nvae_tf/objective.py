@@ -23,11 +23,12 @@ def bits_per_dim(nats, dims):
 
 
 def kl_coefficient(step, config, num_total_steps):
-    """beta = max(min((step - c) / a, 1), beta_min), a = anneal portion * T, c = const portion * T."""
+    """beta = max(min((step - c) / a, 1) beta_max, beta_min), a = anneal portion * T, c = const portion * T;
+    beta_max = `kl_max_coeff` (1 in NVAE)."""
     step = tf.cast(step, tf.float32)
     anneal = max(config.kl_anneal_portion * num_total_steps, 1e-8)
     const = config.kl_const_portion * num_total_steps
-    return tf.maximum(tf.minimum((step - const) / anneal, 1.0), config.kl_const_coeff)
+    return tf.maximum(tf.minimum((step - const) / anneal, 1.0) * config.kl_max_coeff, config.kl_const_coeff)
 
 
 def kl_balance_alpha(config):
@@ -51,6 +52,7 @@ def regularization_coefficient(beta, config):
     if not config.weight_decay_norm_anneal:
         return tf.constant(config.weight_decay_norm, tf.float32)
     start, end = math.log(config.weight_decay_norm_init), math.log(config.weight_decay_norm)
+    beta = tf.minimum(beta, 1.0)  # with kl_max_coeff > 1, lambda stays at weight_decay_norm once beta passes 1
     return tf.exp((1.0 - beta) * start + beta * end)
 
 

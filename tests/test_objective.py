@@ -20,6 +20,19 @@ def test_kl_warmup_matches_its_formula(step):
     assert float(objective.kl_coefficient(step, config, total)) == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("step", [0, 1, 1500, 2999, 3000, 3001, 9999])
+def test_kl_warmup_rises_to_kl_max_coeff_and_lambda_stops_at_its_end(step):
+    config = load_flagfile("celebahq", kl_max_coeff=2.0)  # lambda annealed from 1.0 to 1e-2 with beta
+    total = 10000
+    a, c = 0.3 * total, 1e-4 * total
+    expected = max(min((step - c) / a, 1.0) * 2.0, 1e-4)
+    beta = objective.kl_coefficient(step, config, total)
+    assert float(beta) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    clipped = min(expected, 1.0)
+    lam = math.exp((1 - clipped) * math.log(1.0) + clipped * math.log(1e-2))
+    assert float(objective.regularization_coefficient(beta, config)) == pytest.approx(lam, rel=1e-5)
+
+
 @pytest.mark.parametrize("name, expected", [
     ("celebahq", [1] * 4 + [4] * 4 + [16] * 4 + [32] * 8 + [64] * 16),
     ("mnist", [1] * 5 + [2] * 10),
