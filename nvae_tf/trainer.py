@@ -484,9 +484,9 @@ class Trainer:
         (traced again only for another batch size), so pictures cost a few decoder passes, not seconds of eager
         ops."""
         if self._pictures is None:
-            generator = keras.random.SeedGenerator(self.config.seed, name="summary_noise")
+            noise = sampling.seeded_noise(self.config.seed, "summary_noise")
+            generator = noise.seed_generator
             start = tf.identity(generator.state)
-            noise = sampling.KerasNoise(generator)
             n = self.options.num_summary_images
 
             def pictures(batch):
@@ -517,7 +517,7 @@ class Trainer:
             if len(inputs):
                 tf.summary.image("reconstructions", np.concatenate([inputs, recon], axis=2), max_outputs=n,
                                  step=step)
-            grid = imaging.make_grid(np.concatenate(list(rows)), columns=n,
+            grid = imaging.make_grid(rows.reshape(-1, *rows.shape[2:]), columns=n,
                                      row_labels=[f"t={t:g}" for t in SAMPLE_TEMPERATURES])
             tf.summary.image("samples", grid[None], step=step)
         self.writer.flush()
