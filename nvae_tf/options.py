@@ -130,10 +130,15 @@ class TrainOptions(RunDirOptions, DataOptions, ReplicaOptions):
                                     "gradient.", minimum=1)
     eval_batches: int = option(20, "Validation batches for each validation bits/dim (0: all).", minimum=0)
     image_every: int = option(0, "Steps between TensorBoard pictures (reconstructions, samples at each "
-                              "temperature), besides those at every epoch's end and at the end of training (0: "
-                              "after the first step, then every 10 minutes of training).", minimum=0)
-    eval_every: int = option(0, "Steps between validation bits/dim, besides every epoch's end (0: every 30 "
-                             "minutes of training).", minimum=0)
+                              "temperature), besides those at epoch ends (--epoch_summaries_every) and at the end "
+                              "of training (0: after the first step, then every 10 minutes of training).",
+                              minimum=0)
+    eval_every: int = option(0, "Steps between validation bits/dim, besides those at epoch ends "
+                             "(--epoch_summaries_every) and at the end (0: every 30 minutes of training).",
+                             minimum=0)
+    epoch_summaries_every: int = option(1, "Epochs between the validation bits/dim and pictures of epoch ends "
+                                        "(the end of training always has them; more than 1 for datasets whose "
+                                        "epochs last seconds).", minimum=1)
     num_summary_images: int = option(8, "Images in each TensorBoard image summary.", minimum=0)
 
 

@@ -359,7 +359,7 @@ class Trainer:
                     rate = (step - window_step) * self.global_batch / max(now - window_time, 1e-9)
                     window_time, window_step = now, step
                     self._log(step, last, epoch, metrics, rate, start_time, start_step)
-                if step % self.steps_per_epoch and step < last and not stop_requested():
+                if step < last and not self._epoch_summaries_due(step, last) and not stop_requested():
                     self._periodic_summaries(step, stop_requested)  # epoch ends and the end have their own
                 if step - saved_step >= self.options.checkpoint_every and int(self.consecutive_skipped.numpy()) == 0:
                     self.save()
@@ -376,7 +376,7 @@ class Trainer:
                                 "going on at step %d", epoch + 1, end - step, self.steps_per_epoch, end)
                 step = end
                 self.step.assign(step)
-            if step % self.steps_per_epoch == 0:
+            if self._epoch_summaries_due(step, last):
                 self._end_of_epoch(step, epoch, stop_requested)
             elif step >= last and not stop_requested():  # --max_steps ended the run inside an epoch
                 self._validate(step, stop_requested=stop_requested)
@@ -438,6 +438,13 @@ class Trainer:
         single_machine = not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
         if (step % every == 0) if every else (single_machine and now - self._last_eval >= AUTO_EVAL_SECONDS):
             self._validate(step, stop_requested=stop_requested)
+
+    def _epoch_summaries_due(self, step, last):
+        """Whether `step` ends an epoch that gets validation and pictures: every `--epoch_summaries_every`-th
+        epoch, and the last one of the run."""
+        if step % self.steps_per_epoch:
+            return False
+        return (step // self.steps_per_epoch) % self.options.epoch_summaries_every == 0 or step >= last
 
     def _end_of_epoch(self, step, epoch, stop_requested=lambda: False):
         """Validation bits/dim and pictures; abandoned at once if a stop is requested."""

@@ -349,6 +349,42 @@ def test_pictures_and_validation_every_n_steps_leave_the_training_as_it_is(tmp_p
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
+class ShortEpochs:
+    """The digits source with epochs of `batches` training batches of 8: runs of many epochs in a few steps."""
+
+    def __init__(self, source, batches):
+        self.source, self.batches = source, batches
+        self.sizes = {**source.sizes, "train": 8 * batches}
+
+    def dataset(self, split, batch_size, **kwargs):
+        ds = self.source.dataset(split, batch_size, **kwargs)
+        return ds.take(self.batches) if split == "train" else ds
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+
+def test_epoch_summaries_every_n_epochs_and_at_the_end(tmp_path):
+    """Five epochs of 3 steps with --epoch_summaries_every=2: validation and pictures at the ends of epochs 2 and
+    4 and at the end of training (step 15), none at the ends of epochs 1 and 3; a
+    --image_every step that falls on a skipped epoch end (9) still gets its pictures."""
+    import tensorflow as tf
+
+    from nvae_tf import data as data_lib
+    from nvae_tf.options import TrainOptions
+    from nvae_tf.trainer import Trainer
+    config = small_config(batch_size=8, epochs=5)
+    source = ShortEpochs(data_lib.open_source(config), batches=3)
+    options = TrainOptions(model_dir=str(tmp_path), log_every=100, eval_batches=1, num_summary_images=2,
+                           image_every=9, eval_every=1000, epoch_summaries_every=2)
+    trainer = Trainer(config, tf.distribute.get_strategy(), source, options)
+    assert (trainer.steps_per_epoch, trainer.total_steps) == (3, 15)
+    assert trainer.train() == 15
+    events = event_tensors(str(tmp_path))
+    assert [s for s, _ in events["validation/bpd"]] == [6, 12, 15]
+    assert [s for s, _ in events["samples"]] == [s for s, _ in events["reconstructions"]] == [6, 9, 12, 15]
+
+
 def test_a_new_trainer_restores_the_complete_model_state(trained):
     """Resuming must bring back every model variable: trainable weights, BatchNorm moving statistics, the
     spectral regulariser's power-iteration vectors and the posterior noise generator's state."""
