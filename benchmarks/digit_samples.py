@@ -9,7 +9,8 @@ with probability >= 0.9, next to the same share for the held-out real digits (gr
 The classifier is an RBF support-vector machine with libsvm's Platt-scaled probabilities on the original 8x8
 digits (larger images are block-averaged to 8x8 first): 98.0 % right on the held-out digits. Runs must be of the
 `digits` or `digits_grey` dataset at 8x8, 16x16 or another multiple of 8; each is sampled `--num_samples` times
-per temperature with pixels as `nvae_tf.sample` draws them (`--pixels`, default auto).
+per temperature, as decoder means by default (`--pixels=mean`, what the README's quick start draws; `auto`
+or `sample` draws the pixels as `nvae_tf.sample` does by default).
 """
 
 import argparse
@@ -93,7 +94,7 @@ def main():
     parser.add_argument("--model_dirs", default="", help="comma-separated digits run directories")
     parser.add_argument("--temperatures", default="1.0", help="comma-separated sampling temperatures")
     parser.add_argument("--num_samples", type=int, default=500, help="samples per run and temperature")
-    parser.add_argument("--pixels", default="auto", choices=("auto", "sample", "mean"),
+    parser.add_argument("--pixels", default="mean", choices=("auto", "sample", "mean"),
                         help="pixel values as `nvae_tf.sample --pixels` takes them")
     parser.add_argument("--seed", type=int, default=1, help="the digits split's seed (configs/digits.flags: 1)")
     args = parser.parse_args()
