@@ -129,6 +129,34 @@ def test_unknown_flag_and_stray_argument_are_one_error_line():
 
 
 # ------------------------------------------------------------------------------------------------ console
+START_UP = ["WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+            "I0000 00:00:1795821954.276210   21362 port.cc:153] oneDNN custom operations are on.\n",
+            "W0000 00:00:1795821954.276210   21362 some.cc:12] a warning\n",
+            "E1127 23:29:01.123456   21362 other.cc:7] an error\n",
+            "/x/y.py:3: DeprecationWarning: a Python warning\n",
+            "I0000 is not a log line\n"]
+
+
+@pytest.mark.parametrize("level,kept", [(0, [0, 1, 2, 3, 4, 5]), (1, [2, 3, 4, 5]), (2, [3, 4, 5]), (3, [4, 5])])
+def test_tensorflows_start_up_lines_below_the_level_are_held_back_and_the_rest_passed_on(capfd, level, kept):
+    """What TensorFlow prints while it loads, before its logging reads TF_CPP_MIN_LOG_LEVEL, filtered as that
+    level would: absl's notice and INFO lines from 1, WARNING lines from 2, ERROR lines from 3; anything that
+    is not a C++ log line is passed on, in order, also when the import fails."""
+    from nvae_tf import _quiet
+    with _quiet.held_back_stderr(level):
+        for line in START_UP:
+            os.write(2, line.encode())
+        assert capfd.readouterr().err == ""  # held back while inside
+    assert capfd.readouterr().err == "".join(START_UP[i] for i in kept)
+    with pytest.raises(ImportError, match="no such module"):
+        with _quiet.held_back_stderr(level):
+            os.write(2, (START_UP[1] + START_UP[4]).encode())
+            raise ImportError("no such module")
+    assert capfd.readouterr().err == (START_UP[4] if level >= 1 else START_UP[1] + START_UP[4])
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"  # the stderr descriptor is back
+
+
 def test_console_is_quiet_by_default_and_verbose_brings_tensorflow_back():
     env = {k: v for k, v in child_env().items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     args = [f"--flagfile={CONFIGS}/tiny.flags"]
