@@ -127,6 +127,7 @@ def test_prepare_model_fuses_on_one_replica():
     assert all(bn.training_fn is distribute.fused_batch_norm for bn in model.batchnorm_layers)
     from nvae_tf.model import ops as model_ops
     assert model_ops._swish is distribute.lean_swish
+    assert model_ops._remat is distribute.lean_remat
 
 
 def test_kernels_shared_by_the_forward_pass_and_the_regulariser_give_the_same_loss_and_gradients():

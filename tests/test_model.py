@@ -238,11 +238,15 @@ def test_structure_counts_match_an_enumeration_of_the_tiny_config():
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_remat_gives_the_same_loss_gradients_and_batchnorm_statistics(compiled):
+@pytest.mark.parametrize("implementation", ["keras.remat", "lean_remat"])
+def test_remat_gives_the_same_loss_gradients_and_batchnorm_statistics(compiled, implementation):
     """Gradient checkpointing per cell recomputes activations; it must not change any number, and the
-    recomputation must not update the BN running statistics a second time. (TensorFlow only: remat under JAX is
-    not supported by this project.)"""
+    recomputation must not update the BN running statistics a second time: with Keras's remat and with the
+    training runtime's own (`distribute.lean_remat`). (TensorFlow only: remat under JAX is not supported by this
+    project.)"""
     tf = tensorflow_backend()
+    from nvae_tf import distribute
+    from nvae_tf.model import ops as model_ops
     x = random_images(load_flagfile("tiny"), batch=4)
     results = []
     for remat in (False, True):
@@ -250,13 +254,29 @@ def test_remat_gives_the_same_loss_gradients_and_batchnorm_statistics(compiled):
         model = NVAE(load_flagfile("tiny"), remat=remat)
         model.build()
         noise = fixed_noise(11)
+        wrapped, recomputed = [], []
+
+        def counting_remat(f):
+            wrapped.append(None)
+
+            def counted(h):
+                recomputed.append(None)
+                return f(h)
+            return (keras.remat if implementation == "keras.remat" else distribute.lean_remat)(counted)
 
         def step(images):
             with tf.GradientTape() as tape:
                 loss = elbo_loss(model(images, training=True, noise=noise))
             return loss, tape.gradient(loss, model.trainable_variables)
 
-        loss, grads = (tf.function(step) if compiled else step)(tf.constant(x))
+        model_ops.set_remat(counting_remat)
+        try:
+            loss, grads = (tf.function(step) if compiled else step)(tf.constant(x))
+        finally:
+            model_ops.set_remat(None)
+        # Each cell runs twice under remat (forward, then recomputed for the gradient), never otherwise.
+        assert len(wrapped) > 10 if remat else not wrapped
+        assert len(recomputed) == 2 * len(wrapped), (len(recomputed), len(wrapped))
         stats = [v.numpy() for bn in model.batchnorm_layers for v in (bn.moving_mean, bn.moving_variance)]
         results.append((loss.numpy(), [g.numpy() for g in grads], stats))
     (loss0, grads0, stats0), (loss1, grads1, stats1) = results

@@ -22,7 +22,7 @@ from keras import ops
 from nvae_tf.model.cells import BatchNorm, EncoderCell, GenerativeCell
 from nvae_tf.model.distributions import Bernoulli, DiscretizedMixtureOfLogistics, KerasNoise, Normal
 from nvae_tf.model.flows import ARFlowCell
-from nvae_tf.model.ops import SHARED_KERNELS, Conv2D, channels_shape, sum_per_image, weight_normalized
+from nvae_tf.model.ops import SHARED_KERNELS, Conv2D, channels_shape, remat, sum_per_image, weight_normalized
 
 DECODER_EXPANSION = 6
 POSTPROCESS_EXPANSION = 3
@@ -341,7 +341,7 @@ class NVAE(keras.Model):
                 for bn in norms:
                     bn.update_statistics = True
 
-        return keras.remat(forward)(x)
+        return remat(forward)(x)
 
     def _initial_state(self, batch):
         return ops.broadcast_to(self.prior_ftr0[None], (batch, *self.prior_ftr0.shape))

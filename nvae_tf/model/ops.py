@@ -28,6 +28,21 @@ def swish(x):
     return ops.silu(x) if _swish is None else _swish(x)
 
 
+# Likewise for gradient checkpointing: a runtime may give `remat` an implementation of its own (`set_remat`).
+_remat = None
+
+
+def set_remat(fn):
+    """Rematerialise with `fn` from now on (None: `keras.remat`)."""
+    global _remat
+    _remat = fn
+
+
+def remat(f):
+    """`f` whose activations are recomputed during back-propagation instead of kept (`keras.remat`)."""
+    return keras.remat(f) if _remat is None else _remat(f)
+
+
 def sum_per_image(x):
     """The sum over every axis but the first: `[batch, ...]` -> `[batch]`."""
     return ops.sum(ops.reshape(x, (ops.shape(x)[0], -1)), axis=1)
