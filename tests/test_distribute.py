@@ -130,9 +130,11 @@ def test_prepare_model_fuses_on_one_replica():
     assert model_ops._remat is distribute.lean_remat
 
 
-def test_kernels_shared_by_the_forward_pass_and_the_regulariser_give_the_same_loss_and_gradients():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_kernels_shared_by_the_forward_pass_and_the_regulariser_give_the_same_loss_and_gradients(compiled):
     """`NVAE.shared_kernels()` computes each effective kernel once for the forward pass and the spectral
-    regulariser: the loss and every gradient must be those of computing it twice."""
+    regulariser, runs the power iteration on entry and forms the regulariser's gradient with the kernels' own:
+    the loss, every gradient and the new power-iteration state must be those of computing it all separately."""
     from conftest import load_flagfile
 
     from nvae_tf import objective
@@ -147,21 +149,34 @@ def test_kernels_shared_by_the_forward_pass_and_the_regulariser_give_the_same_lo
     assert any(len(k) > 1 for k in kinds) and any(c.mask is not None for c in model.conv_layers)
     images = tf.constant(np.random.default_rng(0).integers(0, 256, (4, *config.image_shape)), tf.uint8)
     state = [v.numpy().copy() for v in model.variables]
-    results = []
+    results, spectrals, power_states = [], [], []
     for shared in (False, True):
         for v, value in zip(model.variables, state):  # the same power-iteration state for both
             v.assign(value)
-        with tf.GradientTape() as tape:
-            if shared:
-                with model.shared_kernels():
+        power_before = [w.numpy() for w in model._sr_u + model._sr_v]
+
+        def step(images, shared=shared):
+            with tf.GradientTape() as tape:
+                if shared:
+                    with model.shared_kernels():
+                        out = model(images, training=True, noise=ZeroNoise())
+                        loss, metrics = objective.nvae_loss(model, out, 10, 100)
+                else:
                     out = model(images, training=True, noise=ZeroNoise())
-                    loss, _ = objective.nvae_loss(model, out, 10, 100)
-            else:
-                out = model(images, training=True, noise=ZeroNoise())
-                loss, _ = objective.nvae_loss(model, out, 10, 100)
-        results.append((float(loss), tape.gradient(loss, model.trainable_variables)))
+                    loss, metrics = objective.nvae_loss(model, out, 10, 100)
+            return loss, metrics["spectral_norm"], tape.gradient(loss, model.trainable_variables)
+
+        loss, spectral, grads = (tf.function(step) if compiled else step)(images)
+        power_state = [w.numpy() for w in model._sr_u + model._sr_v]
+        results.append((float(loss), grads))
+        spectrals.append(float(spectral))
+        power_states.append(power_state)
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert spectrals[0] > 1.0 and spectrals[1] == pytest.approx(spectrals[0], rel=1e-6)
+    for a, b, before in zip(*power_states, power_before):
+        assert not np.allclose(a, before)  # the iteration moved u and v ...
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)  # ... the same way with shared kernels
     for v, a, b in zip(model.trainable_variables, grads_a, grads_b):
         # float32 rounding (the stacked kernels are reduced in another order): relative to the gradient's scale
         scale = float(np.abs(a.numpy()).max())

@@ -22,7 +22,8 @@ from keras import ops
 from nvae_tf.model.cells import BatchNorm, EncoderCell, GenerativeCell
 from nvae_tf.model.distributions import Bernoulli, DiscretizedMixtureOfLogistics, KerasNoise, Normal
 from nvae_tf.model.flows import ARFlowCell
-from nvae_tf.model.ops import SHARED_KERNELS, Conv2D, channels_shape, remat, sum_per_image, weight_normalized
+from nvae_tf.model.ops import (SHARED_KERNELS, Conv2D, after, channels_shape, remat, sum_per_image,
+                              weight_normalized)
 
 DECODER_EXPANSION = 6
 POSTPROCESS_EXPANSION = 3
@@ -384,25 +385,40 @@ class NVAE(keras.Model):
         its kernel from variables cast to its compute dtype, the regulariser in float32).
 
         The kernels of one spectral group (convolutions whose kernels have one shape) are computed stacked, a
-        handful of ops for the group instead of a dozen per convolution in the step and as many in its gradient,
-        and the group's matrices for the regulariser are one transpose of that stack."""
+        handful of ops for the group instead of a dozen per convolution in the step and as many in its gradient.
+        The regulariser's power iteration runs here too, on those stacks, so that each group's largest singular
+        values come out of `kernels_and_sigmas` beside the kernels the forward pass uses: the regulariser's
+        gradient (a kernel-sized outer product per group) is then formed only when the forward pass's gradient
+        of the group has arrived, instead of being held through the whole back-propagation (a copy of every
+        weight, 0.5 GB for CIFAR-10)."""
         if self.remat or self.stem.compute_dtype != "float32":
             yield
             return
-        kernels, matrices = {}, []
+        kernels, stacks, matrices = {}, [], []
         for layers in self._sr_groups:
             if len({(tuple(l.kernel.shape), l.depthwise, l.weight_norm) for l in layers}) == 1:
                 stacked = stacked_effective_kernels(layers)
-                kernels.update((id(layer), k) for layer, k in zip(layers, ops.unstack(stacked)))
-                matrices.append(_as_matrices(stacked, layers[0].depthwise))
+                stacks.append(stacked)
+                matrices.append(_as_matrices(ops.stop_gradient(stacked), layers[0].depthwise))
             else:  # one shape of matrix from kernels of different shapes: each kernel on its own
-                kernels.update((id(layer), layer.effective_kernel()) for layer in layers)
-                matrices.append(None)
-        SHARED_KERNELS.by_layer, SHARED_KERNELS.matrices = kernels, matrices
+                own = [layer.effective_kernel() for layer in layers]
+                kernels.update((id(layer), k) for layer, k in zip(layers, own))
+                stacks.append(None)
+                matrices.append(ops.stack([_as_matrices(k, layer.depthwise) for layer, k in zip(layers, own)]))
+        us, vs = self._power_iteration(matrices)
+        sigmas = []
+        for layers, stacked, w, u, v in zip(self._sr_groups, stacks, matrices, us, vs):
+            if stacked is None:
+                sigmas.append(_sigmas(u, w, v))
+            else:
+                stacked, sigma = kernels_and_sigmas(stacked, u, v, layers[0].depthwise)
+                kernels.update((id(layer), k) for layer, k in zip(layers, ops.unstack(stacked)))
+                sigmas.append(sigma)
+        SHARED_KERNELS.by_layer, SHARED_KERNELS.spectral = kernels, (us, vs, sigmas)
         try:
             yield
         finally:
-            SHARED_KERNELS.by_layer = SHARED_KERNELS.matrices = None
+            SHARED_KERNELS.by_layer = SHARED_KERNELS.spectral = None
 
     # ------------------------------------------------------------------------------------------ sampling
     def sample(self, num_samples, temperature=1.0, noise=None, mode="sample", training=False):
@@ -431,23 +447,31 @@ class NVAE(keras.Model):
         (v <- normalise(u^T W), u <- normalise(W v)) runs 40 iterations on the first call and 4 afterwards,
         keeping u and v in non-trainable weights. sigma = u^T W v with gradients through W only.
         """
+        shared = getattr(SHARED_KERNELS, "spectral", None)
+        if shared:  # `shared_kernels` has run the power iteration and computed sigma
+            us, vs, sigmas = shared
+        else:
+            matrices = [ops.stack([_as_matrices(c.effective_kernel(), c.depthwise) for c in layers])
+                        for layers in self._sr_groups]
+            us, vs = self._power_iteration(matrices)
+            sigmas = [_sigmas(u, w, v) for w, u, v in zip(matrices, us, vs)]
+        total = 0.0
+        for sigma, u, v, u_var, v_var in zip(sigmas, us, vs, self._sr_u, self._sr_v):
+            u_var.assign(u)
+            v_var.assign(v)
+            total = total + ops.sum(sigma)
+        self.power_iteration_started.assign(1.0)
+        return total
+
+    def _power_iteration(self, matrices):
+        """The new `(us, vs)` of every spectral group from its matrices (no gradient through them)."""
         iterations = ops.where(self.power_iteration_started > 0, POWER_ITERATIONS, FIRST_POWER_ITERATIONS)
-        shared = getattr(SHARED_KERNELS, "matrices", None) or [None] * len(self._sr_groups)
-        matrices = [m if m is not None else ops.stack([_as_matrices(c.effective_kernel(), c.depthwise)
-                                                       for c in layers])
-                    for layers, m in zip(self._sr_groups, shared)]
         # One loop iterates every shape group (a loop per group costs as much to trace again as its body).
         us, vs, _ = ops.fori_loop(0, iterations, _power_steps,
                                   (tuple(ops.convert_to_tensor(u) for u in self._sr_u),
                                    tuple(ops.convert_to_tensor(v) for v in self._sr_v),
                                    tuple(ops.stop_gradient(w) for w in matrices)))
-        total = 0.0
-        for w, u, v, u_var, v_var in zip(matrices, us, vs, self._sr_u, self._sr_v):
-            u_var.assign(u)
-            v_var.assign(v)
-            total = total + ops.sum(ops.einsum("gi,gij,gj->g", ops.stop_gradient(u), w, ops.stop_gradient(v)))
-        self.power_iteration_started.assign(1.0)
-        return total
+        return us, vs
 
     def batchnorm_loss(self):
         """Sum over BatchNorm layers of max_c |gamma_c| (an L-infinity norm per layer); the layers with as many
@@ -473,6 +497,43 @@ def _power_steps(_, state):
         new_vs.append(v)
         new_us.append(_normalize(ops.einsum("gij,gj->gi", w, v)))
     return tuple(new_us), tuple(new_vs), ws
+
+
+def _sigmas(u, w, v):
+    """u^T W v of every matrix of a group, with gradients through W only."""
+    return ops.einsum("gi,gij,gj->g", ops.stop_gradient(u), w, ops.stop_gradient(v))
+
+
+def kernels_and_sigmas(stacked, u, v, depthwise):
+    """`(stacked, sigma)`: the kernels unchanged, and u^T W v of each kernel's matrix W (`_as_matrices`), u and
+    v taken as constants. The gradient of sigma by the kernels is formed only in the backward step that also
+    receives the kernels' own gradient, so it is never held alone."""
+    n, k, _, cin, cout = stacked.shape
+    # u and v in the kernel's layout: W[o, (a, b, i)] = K[a, b, i, o]; depthwise W[c, (a, b)] = K[a, b, c, 0].
+    u, v = ops.stop_gradient(u), ops.stop_gradient(v)
+    v_kernel = ops.reshape(v, (n, k, k) if depthwise else (n, k, k, cin))
+
+    @ops.custom_gradient
+    def forward(kernels):
+        if depthwise:
+            sigma = ops.einsum("gabc,gc,gab->g", kernels[..., 0], u, v_kernel)
+        else:
+            sigma = ops.einsum("gabio,go,gabi->g", kernels, u, v_kernel)
+
+        def grad(*args, upstream=None):
+            upstream = args if upstream is None else upstream
+            d_kernels, d_sigma = upstream if len(upstream) == 2 else upstream[0]
+            if d_kernels is not None:
+                d_sigma = after(d_sigma, d_kernels)
+            if depthwise:
+                d_spectral = ops.einsum("g,gc,gab->gabc", d_sigma, u, v_kernel)[..., None]
+            else:
+                d_spectral = ops.einsum("g,go,gabi->gabio", d_sigma, u, v_kernel)
+            return d_spectral if d_kernels is None else d_kernels + d_spectral
+
+        return (kernels, sigma), grad
+
+    return forward(stacked)
 
 
 def stacked_effective_kernels(layers):

@@ -43,6 +43,16 @@ def remat(f):
     return keras.remat(f) if _remat is None else _remat(f)
 
 
+def after(x, dependency):
+    """`x`, to be used only once `dependency` has been computed: on TensorFlow a control dependency, so that
+    what is computed from it is not scheduled (and held in memory) any earlier. Other backends: `x`."""
+    if keras.backend.backend() != "tensorflow":
+        return x
+    import tensorflow as tf
+    with tf.control_dependencies([dependency]):
+        return tf.identity(x)
+
+
 def sum_per_image(x):
     """The sum over every axis but the first: `[batch, ...]` -> `[batch]`."""
     return ops.sum(ops.reshape(x, (ops.shape(x)[0], -1)), axis=1)
