@@ -148,12 +148,19 @@ def lean_remat(f):
     return rematerialised
 
 
+def after_dependency(x, dependency):
+    """`x` through an identity with a control dependency on `dependency`."""
+    with tf.control_dependencies([dependency]):
+        return tf.identity(x)
+
+
 def prepare_model(model, strategy=None):
     """Make a built model ready for training under `strategy`: BatchNorm statistics over the global batch with
     several replicas, one fused BatchNorm op per layer with one; `lean_swish` for swish, `lean_remat` for
-    gradient checkpointing."""
+    gradient checkpointing, a control dependency for `model.ops.after`."""
     model_ops.set_swish(lean_swish)
     model_ops.set_remat(lean_remat)
+    model_ops.set_after(after_dependency)
     replicated = (strategy or tf.distribute.get_strategy()).num_replicas_in_sync > 1
     for bn in model.batchnorm_layers:
         if replicated:

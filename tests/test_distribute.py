@@ -128,6 +128,7 @@ def test_prepare_model_fuses_on_one_replica():
     from nvae_tf.model import ops as model_ops
     assert model_ops._swish is distribute.lean_swish
     assert model_ops._remat is distribute.lean_remat
+    assert model_ops._after is distribute.after_dependency
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -43,14 +43,21 @@ def remat(f):
     return keras.remat(f) if _remat is None else _remat(f)
 
 
+# And for ordering: `after(x, dependency)` is `x`, to be used only once `dependency` has been computed, so that
+# what is computed from it is not scheduled (and held in memory) any earlier. A runtime that schedules by data
+# dependencies alone gives it its implementation (`set_after`); by default it is `x`.
+_after = None
+
+
+def set_after(fn):
+    """Order with `fn(x, dependency)` from now on (None: no ordering beyond the data)."""
+    global _after
+    _after = fn
+
+
 def after(x, dependency):
-    """`x`, to be used only once `dependency` has been computed: on TensorFlow a control dependency, so that
-    what is computed from it is not scheduled (and held in memory) any earlier. Other backends: `x`."""
-    if keras.backend.backend() != "tensorflow":
-        return x
-    import tensorflow as tf
-    with tf.control_dependencies([dependency]):
-        return tf.identity(x)
+    """`x`, not to be used before `dependency` has been computed (see `set_after`)."""
+    return x if _after is None else _after(x, dependency)
 
 
 def sum_per_image(x):
