@@ -170,28 +170,69 @@ def prepare_model(model, strategy=None):
     return model
 
 
-def fused_batch_norm(layer, inputs, update_statistics=True):
+def fused_batch_norm(layer, inputs, update_statistics=True, with_swish=False):
     """Training-mode BatchNorm of `layer` as one fused op (and one for its gradient) instead of some forty:
     normalisation with the batch's mean and biased variance, then running <- m running + (1 - m) batch, the
-    biased variance as Keras's BatchNormalization takes it."""
+    biased variance as Keras's BatchNormalization takes it. With `with_swish`, swish of the result, whose
+    gradient keeps only the input (`_batch_norm_swish`)."""
     x = tf.cast(inputs, tf.float32)
-    empty = tf.constant([], tf.float32)
-    y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-        x=x, scale=tf.convert_to_tensor(layer.gamma), offset=tf.convert_to_tensor(layer.beta), mean=empty,
-        variance=empty, epsilon=layer.epsilon, exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
+    gamma, beta = tf.convert_to_tensor(layer.gamma), tf.convert_to_tensor(layer.beta)
+    if with_swish:
+        y, mean, variance = _batch_norm_swish(x, gamma, beta, layer.epsilon, layer.compute_dtype)
+    else:
+        y, mean, variance, _ = _batch_norm_training(x, gamma, beta, layer.epsilon)
+        y = tf.cast(y, layer.compute_dtype)
     if update_statistics:
-        # The op returns the unbiased variance. The count is a number of the graph when the shape is known
-        # (about ten fewer ops per layer), the same float32 quotient either way.
-        if x.shape[:-1].is_fully_defined():
-            count = x.shape[:-1].num_elements()
-            unbias = tf.constant(np.float32(count - 1) / np.float32(count), tf.float32)
-        else:
-            count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
-            unbias = (count - 1.0) / count
-        variance = variance * unbias
         _update_statistic(layer.moving_mean, mean, layer.momentum)
         _update_statistic(layer.moving_variance, variance, layer.momentum)
-    return tf.cast(y, layer.compute_dtype)
+    return y
+
+
+def _batch_norm_training(x, gamma, beta, epsilon):
+    """(normalised x, batch mean, biased batch variance, the op's reserved outputs for its gradient): TensorFlow's
+    fused training-mode BatchNorm."""
+    empty = tf.constant([], tf.float32)
+    y, mean, variance, *reserved = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon, exponential_avg_factor=1.0,
+        data_format="NHWC", is_training=True)
+    # The op returns the unbiased variance. The count is a number of the graph when the shape is known (about ten
+    # fewer ops per layer), the same float32 quotient either way.
+    if x.shape[:-1].is_fully_defined():
+        count = x.shape[:-1].num_elements()
+        unbias = tf.constant(np.float32(count - 1) / np.float32(count), tf.float32)
+    else:
+        count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+        unbias = (count - 1.0) / count
+    return y, mean, variance * unbias, reserved
+
+
+def _batch_norm_swish(x, gamma, beta, epsilon, dtype):
+    """(swish of the normalised x cast to `dtype`, batch mean, biased batch variance), whose gradient keeps only x
+    and per-channel vectors. Swish's gradient needs the normalised tensor: it is computed again from x, the batch
+    statistics and the BatchNorm's parameters (one multiply-add per element) once the incoming gradient exists,
+    instead of being held from the forward pass to the gradient, a tensor of the input's size per BatchNorm-swish
+    pair. The BatchNorm's gradient is its fused gradient op, given the forward op's reserved outputs as
+    TensorFlow's own gradient gives them. The values are those of the two ops in sequence; the gradients agree
+    with theirs to float32 rounding (the normalised tensor recomputed by another order of operations)."""
+    @tf.custom_gradient
+    def forward(x, gamma, beta):
+        y, mean, variance, reserved = _batch_norm_training(x, gamma, beta, epsilon)
+        y = tf.cast(y, dtype)
+
+        def grad(d_out, *_):  # the batch statistics feed the running statistics only, not the loss
+            with tf.control_dependencies([d_out]):
+                scale = gamma * tf.math.rsqrt(variance + epsilon)
+                y_again = tf.cast(x * scale + (beta - mean * scale), dtype)
+            s = tf.sigmoid(y_again)
+            d_y = tf.cast(d_out * (s * (1.0 + y_again * (1.0 - s))), tf.float32)
+            d_x, d_gamma, d_beta, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=d_y, x=x, scale=gamma, reserve_space_1=reserved[0], reserve_space_2=reserved[1],
+                reserve_space_3=reserved[2], epsilon=epsilon, data_format="NHWC", is_training=True)
+            return d_x, d_gamma, d_beta
+
+        return (y * tf.sigmoid(y), mean, variance), grad
+
+    return forward(x, gamma, beta)
 
 
 # While a training step is traced (`deferred_statistics`): {id(variable): (variable, momentum, [batch values])}

@@ -99,6 +99,54 @@ def test_fused_batch_norm_leaves_the_running_statistics_alone_when_told_and_has_
         np.testing.assert_allclose(g_fused.numpy(), g_plain.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def numpy_batch_norm_swish_gradients(x, gamma, beta, d_out, eps=1e-5):
+    """Gradients of sum(d_out * swish(BN(x))) for x, gamma and beta in float64 (training-mode BatchNorm)."""
+    x, d_out = x.astype(np.float64), d_out.astype(np.float64)
+    mean, variance = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    x_hat = (x - mean) / np.sqrt(variance + eps)
+    z = x_hat * gamma + beta
+    s = 1.0 / (1.0 + np.exp(-z))
+    d_z = d_out * (s + z * s * (1.0 - s))
+    d_x_hat = d_z * gamma
+    d_x = (d_x_hat - d_x_hat.mean(axis=(0, 1, 2)) - x_hat * (d_x_hat * x_hat).mean(axis=(0, 1, 2))) / np.sqrt(
+        variance + eps)
+    return d_x, (d_z * x_hat).sum(axis=(0, 1, 2)), d_z.sum(axis=(0, 1, 2))
+
+
+def test_fused_batch_norm_with_swish_matches_numpy_values_gradients_and_running_statistics():
+    """swish(BN(x)) in one call, whose gradient recomputes the normalised tensor: values, the three gradients and
+    the running statistics against float64 NumPy, and the same values as the layer without the runtime's hook."""
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(3, 6, 5, 4)) * 2.5 + 1.5).astype("float32")
+    d_out = rng.normal(size=x.shape).astype("float32")
+    layer = make_layer(4, rng)
+    gamma, beta = layer.gamma.numpy().astype(np.float64), layer.beta.numpy().astype(np.float64)
+    bn, moving_mean, moving_variance = numpy_batch_norm(x, gamma, beta, layer.moving_mean.numpy(),
+                                                        layer.moving_variance.numpy())
+    expected = bn / (1.0 + np.exp(-bn))
+    plain = make_layer(4, rng)
+    for a, b in zip(plain.weights, layer.weights):
+        a.assign(b)
+    layer.training_fn = distribute.fused_batch_norm
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt, training=True, with_swish=True)
+        loss = tf.reduce_sum(y * d_out)
+    d_x, d_gamma, d_beta = tape.gradient(loss, [xt, layer.gamma, layer.beta])
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), moving_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), moving_variance, rtol=1e-6, atol=1e-6)
+    for got, want in zip((d_x, d_gamma, d_beta), numpy_batch_norm_swish_gradients(x, gamma, beta, d_out)):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4)
+    # The layer without the hook (Keras's BatchNormalization, then swish) gives the same values.
+    np.testing.assert_allclose(plain(xt, training=True, with_swish=True).numpy(), expected, rtol=1e-5, atol=1e-5)
+    # In inference mode: swish of the normalisation by the running statistics.
+    z = (x - layer.moving_mean.numpy()) / np.sqrt(layer.moving_variance.numpy() + 1e-5) * gamma + beta
+    np.testing.assert_allclose(layer(xt, training=False, with_swish=True).numpy(), z / (1.0 + np.exp(-z)),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_lean_swish_has_silus_values_and_gradients_and_numpys():
     rng = np.random.default_rng(4)
     x = tf.constant((rng.normal(size=(3, 5, 4, 6)) * 4.0).astype("float32"))
