@@ -508,7 +508,7 @@ def kernels_and_sigmas(stacked, u, v, depthwise):
     """`(stacked, sigma)`: the kernels unchanged, and u^T W v of each kernel's matrix W (`_as_matrices`), u and
     v taken as constants. The gradient of sigma by the kernels is formed only in the backward step that also
     receives the kernels' own gradient, so it is never held alone."""
-    n, k, _, cin, cout = stacked.shape
+    n, k, _, cin, _ = stacked.shape
     # u and v in the kernel's layout: W[o, (a, b, i)] = K[a, b, i, o]; depthwise W[c, (a, b)] = K[a, b, c, 0].
     u, v = ops.stop_gradient(u), ops.stop_gradient(v)
     v_kernel = ops.reshape(v, (n, k, k) if depthwise else (n, k, k, cin))
