@@ -170,18 +170,21 @@ def prepare_model(model, strategy=None):
     return model
 
 
-def fused_batch_norm(layer, inputs, update_statistics=True, with_swish=False):
+def fused_batch_norm(layer, inputs, update_statistics=True, with_swish=False, conv=None):
     """Training-mode BatchNorm of `layer` as one fused op (and one for its gradient) instead of some forty:
     normalisation with the batch's mean and biased variance, then running <- m running + (1 - m) batch, the
-    biased variance as Keras's BatchNormalization takes it. With `with_swish`, swish of the result, whose
-    gradient keeps only the input (`_batch_norm_swish`)."""
+    biased variance as Keras's BatchNormalization takes it. With `with_swish`, swish of the result, and with
+    `conv` (a `Conv2D` layer) that convolution of it, whose gradient keeps only the input (`_batch_norm_swish`)."""
     x = tf.cast(inputs, tf.float32)
     gamma, beta = tf.convert_to_tensor(layer.gamma), tf.convert_to_tensor(layer.beta)
     if with_swish:
-        y, mean, variance = _batch_norm_swish(x, gamma, beta, layer.epsilon, layer.compute_dtype)
+        convolution = None if conv is None else _Convolution(conv, layer.compute_dtype)
+        y, mean, variance = _batch_norm_swish(x, gamma, beta, layer.epsilon, layer.compute_dtype, convolution)
+        y = y if conv is None else conv.add_bias(y)
     else:
         y, mean, variance, _ = _batch_norm_training(x, gamma, beta, layer.epsilon)
         y = tf.cast(y, layer.compute_dtype)
+        y = y if conv is None else conv(y)
     if update_statistics:
         _update_statistic(layer.moving_mean, mean, layer.momentum)
         _update_statistic(layer.moving_variance, variance, layer.momentum)
@@ -206,33 +209,77 @@ def _batch_norm_training(x, gamma, beta, epsilon):
     return y, mean, variance * unbias, reserved
 
 
-def _batch_norm_swish(x, gamma, beta, epsilon, dtype):
-    """(swish of the normalised x cast to `dtype`, batch mean, biased batch variance), whose gradient keeps only x
-    and per-channel vectors. Swish's gradient needs the normalised tensor: it is computed again from x, the batch
-    statistics and the BatchNorm's parameters (one multiply-add per element) once the incoming gradient exists,
-    instead of being held from the forward pass to the gradient, a tensor of the input's size per BatchNorm-swish
-    pair. The BatchNorm's gradient is its fused gradient op, given the forward op's reserved outputs as
-    TensorFlow's own gradient gives them. The values are those of the two ops in sequence; the gradients agree
-    with theirs to float32 rounding (the normalised tensor recomputed by another order of operations)."""
+class _Convolution:
+    """The convolution of a `Conv2D` layer (without its bias) as TensorFlow ops, the forward op and the two ops
+    of its gradient: the same ops, strides and padding as the layer's own call and TensorFlow's gradient of it."""
+
+    def __init__(self, conv, dtype):
+        self.kernel = tf.cast(conv.effective_kernel(), dtype)
+        self.strides = [1, conv.strides, conv.strides, 1]
+        # Stride 1 pads as "SAME" (symmetric for an odd kernel); a strided convolution pads explicitly first.
+        self.pad = conv.pad if conv.strides != 1 else 0
+        self.padding = "SAME" if conv.strides == 1 else "VALID"
+        self.depthwise = conv.depthwise
+
+    def _padded(self, z):
+        p = self.pad
+        return tf.pad(z, [[0, 0], [p, p], [p, p], [0, 0]]) if p else z
+
+    def __call__(self, z, kernel):
+        op = tf.raw_ops.DepthwiseConv2dNative if self.depthwise else tf.raw_ops.Conv2D
+        return op(input=self._padded(z), filter=kernel, strides=self.strides, padding=self.padding)
+
+    def gradients(self, z, kernel, d_out):
+        """(d z, d kernel) for the output gradient `d_out`."""
+        z = self._padded(z)
+        if self.depthwise:
+            backprop_input = tf.raw_ops.DepthwiseConv2dNativeBackpropInput
+            backprop_filter = tf.raw_ops.DepthwiseConv2dNativeBackpropFilter
+        else:
+            backprop_input, backprop_filter = tf.raw_ops.Conv2DBackpropInput, tf.raw_ops.Conv2DBackpropFilter
+        d_z = backprop_input(input_sizes=tf.shape(z), filter=kernel, out_backprop=d_out, strides=self.strides,
+                             padding=self.padding)
+        d_kernel = backprop_filter(input=z, filter_sizes=tf.shape(kernel), out_backprop=d_out,
+                                   strides=self.strides, padding=self.padding)
+        p = self.pad
+        return (d_z[:, p:-p, p:-p, :] if p else d_z), d_kernel
+
+
+def _batch_norm_swish(x, gamma, beta, epsilon, dtype, conv=None):
+    """(swish of the normalised x cast to `dtype`, then the convolution `conv` of it if given; batch mean, biased
+    batch variance), whose gradient keeps only x, per-channel vectors and the kernel. The gradients of swish and
+    of the convolution's kernel need the normalised tensor and swish of it: they are computed again from x, the
+    batch statistics and the BatchNorm's parameters (one multiply-add and a swish per element) once the incoming
+    gradient exists, instead of being held from the forward pass to the gradient, one or two tensors of the
+    input's size per call. The BatchNorm's gradient is its fused gradient op, given the forward op's reserved
+    outputs as TensorFlow's own gradient gives them. The values are those of the ops in sequence; the gradients
+    agree with theirs to float32 rounding (the normalised tensor recomputed by another order of operations)."""
+    kernels = [] if conv is None else [conv.kernel]
+
     @tf.custom_gradient
-    def forward(x, gamma, beta):
+    def forward(x, gamma, beta, *kernel):
         y, mean, variance, reserved = _batch_norm_training(x, gamma, beta, epsilon)
         y = tf.cast(y, dtype)
+        z = y * tf.sigmoid(y)
 
         def grad(d_out, *_):  # the batch statistics feed the running statistics only, not the loss
             with tf.control_dependencies([d_out]):
                 scale = gamma * tf.math.rsqrt(variance + epsilon)
                 y_again = tf.cast(x * scale + (beta - mean * scale), dtype)
             s = tf.sigmoid(y_again)
+            d_kernel = []
+            if conv is not None:
+                d_out, d_k = conv.gradients(y_again * s, kernel[0], d_out)
+                d_kernel = [d_k]
             d_y = tf.cast(d_out * (s * (1.0 + y_again * (1.0 - s))), tf.float32)
             d_x, d_gamma, d_beta, _, _ = tf.raw_ops.FusedBatchNormGradV3(
                 y_backprop=d_y, x=x, scale=gamma, reserve_space_1=reserved[0], reserve_space_2=reserved[1],
                 reserve_space_3=reserved[2], epsilon=epsilon, data_format="NHWC", is_training=True)
-            return d_x, d_gamma, d_beta
+            return (d_x, d_gamma, d_beta, *d_kernel)
 
-        return (y * tf.sigmoid(y), mean, variance), grad
+        return (z if conv is None else conv(z, kernel[0]), mean, variance), grad
 
-    return forward(x, gamma, beta)
+    return forward(x, gamma, beta, *kernels)
 
 
 # While a training step is traced (`deferred_statistics`): {id(variable): (variable, momentum, [batch values])}

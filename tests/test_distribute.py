@@ -147,6 +147,102 @@ def test_fused_batch_norm_with_swish_matches_numpy_values_gradients_and_running_
                                rtol=1e-5, atol=1e-5)
 
 
+def numpy_convolution(z, kernel, stride, depthwise, d_out):
+    """(output, d z, d kernel) in float64 of the convolution of `z` by `kernel` (`[k, k, in, out]`, or
+    `[k, k, channels, 1]` when `depthwise`) with (k - 1) / 2 zeros on every side and stride `stride`, for the
+    output gradient `d_out`: every output as the sum over its k x k window, every gradient by the chain rule."""
+    z, kernel, d_out = (a.astype(np.float64) for a in (z, kernel, d_out))
+    k, p = kernel.shape[0], (kernel.shape[0] - 1) // 2
+    padded = np.pad(z, ((0, 0), (p, p), (p, p), (0, 0)))
+    rows, cols = (padded.shape[1] - k) // stride + 1, (padded.shape[2] - k) // stride + 1
+    windows = np.stack([np.stack([padded[:, u:u + stride * rows:stride, v:v + stride * cols:stride]
+                                  for v in range(k)], axis=3) for u in range(k)], axis=3)  # [b, i, j, u, v, c]
+    if depthwise:
+        y = np.einsum("bijuvc,uvc->bijc", windows, kernel[..., 0])
+        d_windows = np.einsum("bijc,uvc->bijuvc", d_out, kernel[..., 0])
+        d_kernel = np.einsum("bijuvc,bijc->uvc", windows, d_out)[..., None]
+    else:
+        y = np.einsum("bijuvc,uvco->bijo", windows, kernel)
+        d_windows = np.einsum("bijo,uvco->bijuvc", d_out, kernel)
+        d_kernel = np.einsum("bijuvc,bijo->uvco", windows, d_out)
+    d_padded = np.zeros_like(padded)
+    for u in range(k):
+        for v in range(k):
+            d_padded[:, u:u + stride * rows:stride, v:v + stride * cols:stride] += d_windows[:, :, :, u, v]
+    return y, d_padded[:, p:p + z.shape[1], p:p + z.shape[2]], d_kernel
+
+
+@pytest.mark.parametrize("kernel_size,strides,depthwise,use_bias", [
+    (3, 1, False, True), (3, 2, False, True), (5, 1, True, False), (1, 1, False, False)])
+def test_fused_batch_norm_swish_conv_matches_numpy_values_and_gradients(kernel_size, strides, depthwise, use_bias):
+    """conv(swish(BN(x))) in one call, whose gradient recomputes the convolution's input: the value, the gradients
+    of x, gamma, beta, the kernel and the bias, and the running statistics against float64 NumPy, for the
+    convolutions of the model's cells (3x3 at stride 1 and 2, depthwise 5x5, 1x1)."""
+    from nvae_tf.model.ops import Conv2D
+    rng = np.random.default_rng(11)
+    channels = 4
+    filters = channels if depthwise else 3
+    x = (rng.normal(size=(2, 7, 6, channels)) * 2.0 - 1.0).astype("float32")
+    layer = make_layer(channels, rng)
+    conv = Conv2D(filters, kernel_size, strides=strides, use_bias=use_bias, weight_norm=False, depthwise=depthwise)
+    conv.build((None, None, None, channels))
+    conv.kernel.assign(rng.normal(size=conv.kernel.shape).astype("float32"))
+    if use_bias:
+        conv.bias.assign(rng.normal(size=filters).astype("float32"))
+    gamma, beta = layer.gamma.numpy().astype(np.float64), layer.beta.numpy().astype(np.float64)
+    bn, moving_mean, moving_variance = numpy_batch_norm(x, gamma, beta, layer.moving_mean.numpy(),
+                                                        layer.moving_variance.numpy())
+    z = bn / (1.0 + np.exp(-bn))
+    rows, cols = (7 - 1) // strides + 1, (6 - 1) // strides + 1
+    d_out = rng.normal(size=(2, rows, cols, filters)).astype("float32")
+    expected, d_z, d_kernel = numpy_convolution(z, conv.kernel.numpy(), strides, depthwise, d_out)
+    if use_bias:
+        expected = expected + conv.bias.numpy()
+    d_x, d_gamma, d_beta = numpy_batch_norm_swish_gradients(x, gamma, beta, d_z)
+    layer.training_fn = distribute.fused_batch_norm
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt, training=True, with_swish=True, conv=conv)
+        loss = tf.reduce_sum(y * d_out)
+    got = tape.gradient(loss, [xt, layer.gamma, layer.beta, conv.kernel] + ([conv.bias] if use_bias else []))
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-4, atol=1e-4)
+    want = [d_x, d_gamma, d_beta, d_kernel] + ([d_out.astype(np.float64).sum(axis=(0, 1, 2))] if use_bias else [])
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), moving_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), moving_variance, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_batch_norm_swish_conv_of_a_weight_normalised_kernel_has_the_plain_layers_gradients():
+    """Through the weight normalisation, and within a traced function: the same value and gradients (of x, the
+    kernel's direction and log norm, the bias, gamma and beta) as the layers without the runtime's hook."""
+    from nvae_tf.model.ops import Conv2D
+    rng = np.random.default_rng(12)
+    x = tf.constant((rng.normal(size=(3, 6, 6, 5)) * 1.5).astype("float32"))
+    results = []
+    for hooked in (True, False):
+        layer, conv = make_layer(5, np.random.default_rng(1)), Conv2D(4, 3, strides=2)
+        conv.build((None, None, None, 5))
+        for v in conv.weights:
+            v.assign(np.random.default_rng(2).normal(size=v.shape).astype("float32"))
+        layer.training_fn = distribute.fused_batch_norm if hooked else None
+        variables = [layer.gamma, layer.beta, conv.kernel, conv.log_weight_norm, conv.bias]
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True, with_swish=True, conv=conv)
+                loss = tf.reduce_sum(tf.square(y))
+            return y, tape.gradient(loss, [x] + variables)
+
+        y, grads = step()
+        results.append([y.numpy()] + [g.numpy() for g in grads])
+    for fused, plain in zip(*results):
+        np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-4)
+
+
 def test_lean_swish_has_silus_values_and_gradients_and_numpys():
     rng = np.random.default_rng(4)
     x = tf.constant((rng.normal(size=(3, 5, 4, 6)) * 4.0).astype("float32"))

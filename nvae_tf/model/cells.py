@@ -37,18 +37,20 @@ class BatchNorm(keras.layers.BatchNormalization):
             return self.moments_fn(inputs, self._reduction_axes)
         return super()._moments(inputs, mask)
 
-    # Optional `(layer, x, update_statistics, with_swish) -> y`: the whole training-mode computation (batch
-    # statistics, the running-statistics update if `update_statistics`, then swish if `with_swish`), e.g. one
-    # fused op (set by the runtime).
+    # Optional `(layer, x, update_statistics, with_swish, conv) -> y`: the whole training-mode computation (batch
+    # statistics, the running-statistics update if `update_statistics`, then swish if `with_swish`, then the
+    # `Conv2D` layer `conv` if not None), e.g. fused ops (set by the runtime).
     training_fn = None
 
-    def call(self, inputs, training=None, mask=None, with_swish=False):
-        """BN(inputs), or swish(BN(inputs)) with `with_swish`: one call, so that a runtime may keep only the
-        input for the gradient of both instead of the normalised tensor as well."""
+    def call(self, inputs, training=None, mask=None, with_swish=False, conv=None):
+        """BN(inputs), swish(BN(inputs)) with `with_swish`, and `conv` (a `Conv2D` layer) of that if given: one
+        call, so that a runtime may keep only the input for the gradient of them all, instead of the normalised
+        tensor and the convolution's input as well."""
         if training and self.trainable and self.training_fn is not None and mask is None:
-            return self.training_fn(self, inputs, self.update_statistics, with_swish)
+            return self.training_fn(self, inputs, self.update_statistics, with_swish, conv)
         y = self._normalize(inputs, training, mask)
-        return swish(y) if with_swish else y
+        y = swish(y) if with_swish else y
+        return y if conv is None else conv(y)
 
     def _normalize(self, inputs, training, mask):
         if not (training and self.trainable) or self.update_statistics:
@@ -83,7 +85,7 @@ class BNSwishConv(keras.layers.Layer):
         self.conv.build(input_shape)
 
     def call(self, x, training=False):
-        return self.conv(self.bn(x, training=training, with_swish=True))
+        return self.bn(x, training=training, with_swish=True, conv=self.conv)
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "strides": self.strides}
@@ -120,9 +122,9 @@ class InvertedResidual(keras.layers.Layer):
         if self.upsample:
             x = upsample_nearest(x)
         x = self.expand(self.bn_in(x, training=training))
-        x = self.bn_expand(x, training=training, with_swish=True)
-        x = self.bn_depthwise(self.depthwise(x), training=training, with_swish=True)
-        return self.bn_out(self.project(x), training=training)
+        x = self.bn_expand(x, training=training, with_swish=True, conv=self.depthwise)
+        x = self.bn_depthwise(x, training=training, with_swish=True, conv=self.project)
+        return self.bn_out(x, training=training)
 
     def get_config(self):
         return {**super().get_config(), "in_channels": self.in_channels, "filters": self.filters,

@@ -165,9 +165,14 @@ class Conv2D(keras.layers.Layer):
             return kernel
         return weight_normalized(kernel, self.log_weight_norm, self.depthwise)
 
+    @property
+    def pad(self):
+        """The padding on every side of the height and width."""
+        return (self.kernel_size - 1) // 2
+
     def call(self, x):
         kernel = self.effective_kernel()
-        pad = (self.kernel_size - 1) // 2
+        pad = self.pad
         if self.strides == 1:
             padding = "same"
         else:
@@ -178,9 +183,11 @@ class Conv2D(keras.layers.Layer):
             y = ops.depthwise_conv(x, kernel, strides=self.strides, padding=padding)
         else:
             y = ops.conv(x, kernel, strides=self.strides, padding=padding)
-        if self.use_bias:
-            y = y + self.bias
-        return y
+        return self.add_bias(y)
+
+    def add_bias(self, y):
+        """`y` plus the bias, if the layer has one."""
+        return y + self.bias if self.use_bias else y
 
     def get_config(self):
         config = super().get_config()
