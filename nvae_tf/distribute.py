@@ -216,9 +216,8 @@ class _Convolution:
     def __init__(self, conv, dtype):
         self.kernel = tf.cast(conv.effective_kernel(), dtype)
         self.strides = [1, conv.strides, conv.strides, 1]
-        # Stride 1 pads as "SAME" (symmetric for an odd kernel); a strided convolution pads explicitly first.
-        self.pad = conv.pad if conv.strides != 1 else 0
-        self.padding = "SAME" if conv.strides == 1 else "VALID"
+        self.pad, padding = conv.padding()
+        self.padding = padding.upper()
         self.depthwise = conv.depthwise
 
     def _padded(self, z):

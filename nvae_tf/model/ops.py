@@ -165,20 +165,19 @@ class Conv2D(keras.layers.Layer):
             return kernel
         return weight_normalized(kernel, self.log_weight_norm, self.depthwise)
 
-    @property
-    def pad(self):
-        """The padding on every side of the height and width."""
-        return (self.kernel_size - 1) // 2
+    def padding(self):
+        """(zeros added on every side of the height and width before the convolution, the convolution's own
+        padding): stride 1 pads "same" (symmetric for an odd kernel); a strided convolution pads explicitly,
+        then "valid"."""
+        if self.strides == 1:
+            return 0, "same"
+        return (self.kernel_size - 1) // 2, "valid"
 
     def call(self, x):
         kernel = self.effective_kernel()
-        pad = self.pad
-        if self.strides == 1:
-            padding = "same"
-        else:
-            padding = "valid"
-            if pad:
-                x = ops.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        pad, padding = self.padding()
+        if pad:
+            x = ops.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
         if self.depthwise:
             y = ops.depthwise_conv(x, kernel, strides=self.strides, padding=padding)
         else:
