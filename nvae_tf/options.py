@@ -77,7 +77,9 @@ class DataOptions:
     strict_data: bool = option(False, "Stop at an unreadable image instead of skipping it.", group="data")
     download: bool = option(True, "Let TFDS download and prepare a dataset that is not there yet "
                             "(--nodownload: fail at once if it is missing).", group="data")
-    deterministic: bool = option(False, "Reproducible input order and augmentation under --seed (slower).",
+    deterministic: bool = option(False, "Reproducible input order, augmentation and ops under --seed (slower: "
+                                 "TensorFlow's deterministic ops, no oneDNN kernels unless TF_ENABLE_ONEDNN_OPTS "
+                                 "says so).",
                                  group="data")
 
 

@@ -219,3 +219,48 @@ def test_commands_import_tensorflow_without_scikit_learn_which_stays_importable(
     r = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["False", "False", "SVC"], r.stdout
+
+
+# ------------------------------------------------------------------------------------ oneDNN kernels
+ONEDNN_PROBE = ("import os, sys\n"
+                "import nvae_tf\n"
+                "caveat = nvae_tf.reproducible_kernels() if 'deterministic' in sys.argv else None\n"
+                "import tensorflow\n"
+                "from tensorflow.python.util import _pywrap_util_port as port\n"
+                "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), port.IsMklEnabled())\n"
+                "print(caveat)\n")
+
+
+def onednn_probe(*args, **env):
+    environ = {k: v for k, v in child_env().items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    environ.update(env)
+    r = subprocess.run([sys.executable, "-c", ONEDNN_PROBE, *args], cwd=ROOT, env=environ, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.splitlines()
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="oneDNN is chosen on x86-64 only")
+def test_onednn_kernels_are_on_unless_the_user_set_the_variable_and_a_deterministic_run_goes_without():
+    assert onednn_probe() == ["1 True", "None"]
+    assert onednn_probe(TF_ENABLE_ONEDNN_OPTS="0") == ["0 False", "None"]
+    # --deterministic: oneDNN's kernels differ from run to run on some CPUs, so nvae_tf's own choice is undone
+    assert onednn_probe("deterministic") == ["0 False", "None"]
+    assert onednn_probe("deterministic", TF_ENABLE_ONEDNN_OPTS="0") == ["0 False", "None"]
+    # ... but the user's explicit choice stands, with a caveat naming it
+    setting, caveat = onednn_probe("deterministic", TF_ENABLE_ONEDNN_OPTS="1")
+    assert setting == "1 True"
+    assert caveat.startswith("TF_ENABLE_ONEDNN_OPTS=1: oneDNN's kernels may differ from run to run"), caveat
+
+
+def test_a_deterministic_run_after_tensorflow_was_imported_says_its_kernels_may_not_repeat():
+    script = ("import os, nvae_tf, tensorflow\n"
+              "print(nvae_tf.reproducible_kernels())\n")
+    environ = {k: v for k, v in child_env().items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environ, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    if os.uname().machine == "x86_64":
+        assert r.stdout.startswith("TensorFlow was imported before this run started, with oneDNN's kernels on"), r.stdout
+    else:
+        assert r.stdout.strip() == "None"
