@@ -52,24 +52,26 @@ def measure_training(config_name, batch, steps, remat, start):
     sys.path.insert(0, ROOT)
     import numpy as np
 
-    from nvae_tf import cli
-    cli.hide_scikit_learn_from_keras()  # as the commands do
-    import tensorflow as tf
     from absl import flags, logging
 
+    import nvae_tf
+    from nvae_tf import cli
     from nvae_tf import config as config_lib
+    fv = flags.FlagValues()
+    config_lib.define_flags(fv)
+    args = ["bench", f"--flagfile={os.path.join(ROOT, 'configs', config_name + '.flags')}"]
+    fv(args + ([f"--batch_size={batch}"] if batch else []))
+    config = config_lib.from_flags(fv)
+    nvae_tf.choose_cpu_kernels(config)  # as the commands do
+    cli.hide_scikit_learn_from_keras()
+    import tensorflow as tf
+
     from nvae_tf import data as data_lib
     from nvae_tf import distribute
     from nvae_tf.options import TrainOptions
     from nvae_tf.trainer import Trainer
     imported = time.time()
     logging.set_verbosity(logging.ERROR)
-
-    fv = flags.FlagValues()
-    config_lib.define_flags(fv)
-    args = ["bench", f"--flagfile={os.path.join(ROOT, 'configs', config_name + '.flags')}"]
-    fv(args + ([f"--batch_size={batch}"] if batch else []))
-    config = config_lib.from_flags(fv)
     batch = config.batch_size
     images = np.random.default_rng(0).integers(0, 256, (2 * batch, *config.image_shape), dtype=np.uint8)
     if config.decoder == "bernoulli":

@@ -28,19 +28,22 @@ def measure(config_name, precision, jit, batch, steps, remat=False):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, ROOT)
     import numpy as np
-    import tensorflow as tf
     from absl import flags, logging
 
+    import nvae_tf
     from nvae_tf import config as config_lib
+    fv = flags.FlagValues()
+    config_lib.define_flags(fv)
+    fv(["bench", f"--flagfile={os.path.join(ROOT, 'configs', config_name + '.flags')}", f"--batch_size={batch}"])
+    config = config_lib.from_flags(fv)
+    nvae_tf.choose_cpu_kernels(config)  # as the training command does
+    import tensorflow as tf
+
     from nvae_tf import data as data_lib
     from nvae_tf.options import TrainOptions
     from nvae_tf.trainer import Trainer
     logging.set_verbosity(logging.ERROR)
 
-    fv = flags.FlagValues()
-    config_lib.define_flags(fv)
-    fv(["bench", f"--flagfile={os.path.join(ROOT, 'configs', config_name + '.flags')}", f"--batch_size={batch}"])
-    config = config_lib.from_flags(fv)
     images = np.random.default_rng(0).integers(0, 256, (max(4 * batch, 16), *config.image_shape), dtype=np.uint8)
     if config.decoder == "bernoulli":
         images = (images > 127).astype(np.uint8) * 255

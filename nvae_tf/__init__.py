@@ -1,14 +1,8 @@
 """nvae_tf: NVAE (Vahdat & Kautz, NeurIPS 2020) in TensorFlow 2 / Keras 3.
 
 TensorFlow's own C++ log lines (start-up banners, graph compiler notes) are hidden unless the user sets
-TF_CPP_MIN_LOG_LEVEL or a command runs with --verbose.
-
-On x86-64, TensorFlow's oneDNN kernels are switched on (TF_ENABLE_ONEDNN_OPTS=1) unless the user set the variable:
-TensorFlow uses them by default only on CPUs with AVX-512 or AMX, and on an AVX2 CPU they made the training
-steps of the MNIST and CIFAR-10 configs a quarter to a third faster. It takes effect when nvae_tf is imported
-before TensorFlow, as every command does. Those kernels are not reproducible from one run to the next on every
-CPU (on an AVX2 CPU two `--deterministic` runs differed after 20 steps), so a deterministic run goes without them
-(`reproducible_kernels`).
+TF_CPP_MIN_LOG_LEVEL or a command runs with --verbose. `choose_cpu_kernels`: oneDNN's kernels or not, per
+command and model.
 """
 
 import os as _os
@@ -18,11 +12,6 @@ import sys as _sys
 __version__ = "0.1.0"
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if "--verbose" in _sys.argv[1:] else "2")
-_ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
-_onednn_chosen_here = (_ONEDNN not in _os.environ and "tensorflow" not in _sys.modules
-                       and _platform.machine().lower() in ("x86_64", "amd64"))
-if _onednn_chosen_here:
-    _os.environ[_ONEDNN] = "1"
 
 try:
     _level = int(_os.environ["TF_CPP_MIN_LOG_LEVEL"])
@@ -32,20 +21,33 @@ from nvae_tf import _quiet  # noqa: E402
 
 _quiet.install(_level)
 
+_ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
+# Activation elements of one encoder convolution per step (batch x pixels x encoder channels) from which oneDNN's
+# kernels are chosen: on an AVX2 CPU they made the step of CIFAR-10 at batch 4 (524,288) 1.3x and of MNIST at
+# batch 32 (1,048,576) 1.5x faster, digits at batch 32 (131,072) neither, 8x8 digits at batch 32 (32,768) 1.5x
+# slower.
+ONEDNN_MIN_ELEMENTS = 2 ** 18
 
-def reproducible_kernels():
-    """Before TensorFlow is imported: no oneDNN kernels unless the user asked for them by TF_ENABLE_ONEDNN_OPTS.
 
-    Returns None when that is done (or TensorFlow decides by itself), else a sentence saying why results may
-    still differ from run to run."""
-    value = _os.environ.get(_ONEDNN, "")
-    if value.strip().lower() in ("0", "false", "off", "no"):
+def choose_cpu_kernels(config, deterministic=False):
+    """Before a command imports TensorFlow: whether its CPU ops run on oneDNN's kernels.
+
+    TensorFlow uses oneDNN by default only on CPUs with AVX-512 or AMX. On x86-64, unless the user set
+    TF_ENABLE_ONEDNN_OPTS (which always wins) or TensorFlow is imported already: a `deterministic` run goes
+    without them (on an AVX2 CPU they differ from run to run), a model whose encoder convolutions have at least
+    `ONEDNN_MIN_ELEMENTS` activation elements per step gets them, a smaller one TensorFlow's default. Returns a
+    sentence for a deterministic run whose kernels the user chose to be oneDNN's, else None."""
+    value = _os.environ.get(_ONEDNN)
+    if value is not None:
+        if deterministic and value.strip().lower() not in ("0", "false", "off", "no"):
+            return (f"TF_ENABLE_ONEDNN_OPTS={value}: oneDNN's kernels may differ from run to run on this CPU; "
+                    "set it to 0 for results that repeat bit for bit")
         return None
-    if _onednn_chosen_here and "tensorflow" not in _sys.modules:
+    if "tensorflow" in _sys.modules or _platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    height, width = config.image_shape[:2]
+    if deterministic:
         _os.environ[_ONEDNN] = "0"
-        return None
-    if _onednn_chosen_here:
-        return ("TensorFlow was imported before this run started, with oneDNN's kernels on, which may differ from run to "
-                "run on this CPU; set TF_ENABLE_ONEDNN_OPTS=0 for results that repeat bit for bit")
-    return None if not value else (f"TF_ENABLE_ONEDNN_OPTS={value}: oneDNN's kernels may differ from run to run "
-                                   "on this CPU; set it to 0 for results that repeat bit for bit")
+    elif config.batch_size * height * width * config.num_channels_enc >= ONEDNN_MIN_ELEMENTS:
+        _os.environ[_ONEDNN] = "1"
+    return None

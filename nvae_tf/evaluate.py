@@ -20,6 +20,8 @@ def run(opts, strategy=None, progress=True):
     options.check(opts)
     config = runs.load_config(opts.model_dir)
     path = runs.find_checkpoint(opts.model_dir, opts.checkpoint)
+    import nvae_tf
+    nvae_tf.choose_cpu_kernels(config)
     import keras
     import tensorflow as tf
 

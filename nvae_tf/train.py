@@ -41,10 +41,9 @@ def run(config, run_options, handle_signals=False):
     trainer = None
     try:
         import nvae_tf
-        if run_options.deterministic:  # before TensorFlow is imported
-            caveat = nvae_tf.reproducible_kernels()
-            if caveat:
-                logging.warning("--deterministic: %s", caveat)
+        caveat = nvae_tf.choose_cpu_kernels(config, run_options.deterministic)  # before TensorFlow is imported
+        if caveat:
+            logging.warning("--deterministic: %s", caveat)
         from nvae_tf import distribute
         if run_options.cpu_replicas > 1:
             distribute.split_cpu(run_options.cpu_replicas)

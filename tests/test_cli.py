@@ -11,6 +11,7 @@ import pytest
 from absl import flags
 
 from conftest import CONFIGS, child_env
+import nvae_tf
 from nvae_tf import config as config_lib
 from nvae_tf import options
 
@@ -222,45 +223,60 @@ def test_commands_import_tensorflow_without_scikit_learn_which_stays_importable(
 
 
 # ------------------------------------------------------------------------------------ oneDNN kernels
-ONEDNN_PROBE = ("import os, sys\n"
-                "import nvae_tf\n"
-                "caveat = nvae_tf.reproducible_kernels() if 'deterministic' in sys.argv else None\n"
-                "import tensorflow\n"
-                "from tensorflow.python.util import _pywrap_util_port as port\n"
-                "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), port.IsMklEnabled())\n"
-                "print(caveat)\n")
+ONEDNN_PROBE = """
+import dataclasses, json, os, sys
+import nvae_tf
+from nvae_tf.config import from_flagfile
+for flagfile, batch, deterministic, user in json.loads(sys.argv[1]):
+    os.environ.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    if user is not None:
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = user
+    config = dataclasses.replace(from_flagfile(flagfile), batch_size=batch)
+    caveat = nvae_tf.choose_cpu_kernels(config, deterministic)
+    print(json.dumps([os.environ.get("TF_ENABLE_ONEDNN_OPTS"), caveat]))
+import tensorflow
+from tensorflow.python.util import _pywrap_util_port as port
+print(json.dumps(port.IsMklEnabled()))
+"""
 
 
-def onednn_probe(*args, **env):
+def onednn_probe(*cases):
+    """[(TF_ENABLE_ONEDNN_OPTS after the choice, caveat) per case], then whether TensorFlow, imported after the last
+    case, runs oneDNN's kernels."""
+    import json
     environ = {k: v for k, v in child_env().items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    environ.update(env)
-    r = subprocess.run([sys.executable, "-c", ONEDNN_PROBE, *args], cwd=ROOT, env=environ, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", ONEDNN_PROBE, json.dumps(cases)], cwd=ROOT, env=environ,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout.splitlines()
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    return [tuple(x) for x in lines[:-1]], lines[-1]
 
 
-@pytest.mark.skipif(os.uname().machine != "x86_64", reason="oneDNN is chosen on x86-64 only")
-def test_onednn_kernels_are_on_unless_the_user_set_the_variable_and_a_deterministic_run_goes_without():
-    assert onednn_probe() == ["1 True", "None"]
-    assert onednn_probe(TF_ENABLE_ONEDNN_OPTS="0") == ["0 False", "None"]
-    # --deterministic: oneDNN's kernels differ from run to run on some CPUs, so nvae_tf's own choice is undone
-    assert onednn_probe("deterministic") == ["0 False", "None"]
-    assert onednn_probe("deterministic", TF_ENABLE_ONEDNN_OPTS="0") == ["0 False", "None"]
-    # ... but the user's explicit choice stands, with a caveat naming it
-    setting, caveat = onednn_probe("deterministic", TF_ENABLE_ONEDNN_OPTS="1")
-    assert setting == "1 True"
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="nvae_tf chooses the kernels on x86-64 only")
+def test_large_models_get_onednn_kernels_small_ones_tensorflows_default_deterministic_runs_none():
+    digits, mnist = os.path.join(CONFIGS, "digits.flags"), os.path.join(CONFIGS, "mnist.flags")
+    # batch x 16 x 16 pixels x 16 encoder channels against 2^18: from batch 64 on
+    assert nvae_tf.ONEDNN_MIN_ELEMENTS == 64 * 16 * 16 * 16
+    chosen, mkl = onednn_probe([digits, 63, False, None], [digits, 64, False, None], [mnist, 200, False, None])
+    assert chosen == [(None, None), ("1", None), ("1", None)]
+    assert mkl is True
+    # oneDNN's kernels differ from run to run on some CPUs: a deterministic run goes without them
+    chosen, mkl = onednn_probe([mnist, 200, False, "0"], [mnist, 200, True, None])
+    assert chosen == [("0", None), ("0", None)]
+    assert mkl is False
+    # ... unless the user asked for them, which is said
+    (setting, caveat), = onednn_probe([digits, 8, True, "1"])[0]
+    assert setting == "1"
     assert caveat.startswith("TF_ENABLE_ONEDNN_OPTS=1: oneDNN's kernels may differ from run to run"), caveat
 
 
-def test_a_deterministic_run_after_tensorflow_was_imported_says_its_kernels_may_not_repeat():
+def test_the_kernels_are_not_chosen_once_tensorflow_is_imported():
     script = ("import os, nvae_tf, tensorflow\n"
-              "print(nvae_tf.reproducible_kernels())\n")
+              "from nvae_tf.config import from_flagfile\n"
+              "print(nvae_tf.choose_cpu_kernels(from_flagfile('configs/mnist.flags')),"
+              " os.environ.get('TF_ENABLE_ONEDNN_OPTS'))\n")
     environ = {k: v for k, v in child_env().items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environ, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    if os.uname().machine == "x86_64":
-        assert r.stdout.startswith("TensorFlow was imported before this run started, with oneDNN's kernels on"), r.stdout
-    else:
-        assert r.stdout.strip() == "None"
+    assert r.stdout.split() == ["None", "None"], r.stdout
