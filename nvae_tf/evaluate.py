@@ -19,9 +19,9 @@ def run(opts, strategy=None, progress=True):
     """Evaluate a run; returns the result dict that is also written to `model_dir/eval_<split>.json`."""
     options.check(opts)
     config = runs.load_config(opts.model_dir)
-    path = runs.find_checkpoint(opts.model_dir, opts.checkpoint)
     import nvae_tf
-    nvae_tf.choose_cpu_kernels(config)
+    nvae_tf.choose_cpu_kernels(config)  # before TensorFlow is imported (checking the checkpoint imports it)
+    path = runs.find_checkpoint(opts.model_dir, opts.checkpoint)
     import keras
     import tensorflow as tf
 

@@ -280,3 +280,34 @@ def test_the_kernels_are_not_chosen_once_tensorflow_is_imported():
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["None", "None"], r.stdout
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="nvae_tf chooses the kernels on x86-64 only")
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_train_and_evaluate_choose_the_kernels_before_tensorflow_is_imported(tmp_path, command):
+    """The command calls `choose_cpu_kernels` while TensorFlow is still unimported, so the choice takes effect."""
+    script = """
+import os, sys
+import nvae_tf
+from nvae_tf import evaluate, runs, train
+from nvae_tf.config import from_flagfile
+from nvae_tf.options import EvaluateOptions, TrainOptions
+choose = nvae_tf.choose_cpu_kernels
+def spy(config, deterministic=False):
+    imported = "tensorflow" in sys.modules
+    choose(config, deterministic)
+    print(imported, os.environ.get("TF_ENABLE_ONEDNN_OPTS"))
+    sys.exit(0)
+nvae_tf.choose_cpu_kernels = spy
+config, run_dir = from_flagfile("configs/mnist.flags"), sys.argv[2]
+if sys.argv[1] == "train":
+    train.run(config, TrainOptions(model_dir=run_dir))
+else:
+    runs.write_config(run_dir, config)
+    evaluate.run(EvaluateOptions(model_dir=run_dir))
+"""
+    environ = {k: v for k, v in child_env().items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    r = subprocess.run([sys.executable, "-c", script, command, str(tmp_path / "run")], cwd=ROOT, env=environ,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["False", "1"], r.stdout + r.stderr[-2000:]
