@@ -39,7 +39,7 @@ def choose_cpu_kernels(config, deterministic=False):
     sentence for a deterministic run whose kernels the user chose to be oneDNN's, else None."""
     value = _os.environ.get(_ONEDNN)
     if value is not None:
-        if deterministic and value.strip().lower() not in ("0", "false", "off", "no"):
+        if deterministic and value.strip().lower() in ("1", "true"):  # what TensorFlow reads as on
             return (f"TF_ENABLE_ONEDNN_OPTS={value}: oneDNN's kernels may differ from run to run on this CPU; "
                     "set it to 0 for results that repeat bit for bit")
         return None

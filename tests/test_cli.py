@@ -240,15 +240,20 @@ print(json.dumps(port.IsMklEnabled()))
 """
 
 
+def python_without_kernel_setting(script, *args):
+    """stdout of `python -c script args` in an environment without TF_ENABLE_ONEDNN_OPTS; it must succeed."""
+    environ = {k: v for k, v in child_env().items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    r = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=environ, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
 def onednn_probe(*cases):
     """[(TF_ENABLE_ONEDNN_OPTS after the choice, caveat) per case], then whether TensorFlow, imported after the last
     case, runs oneDNN's kernels."""
     import json
-    environ = {k: v for k, v in child_env().items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    r = subprocess.run([sys.executable, "-c", ONEDNN_PROBE, json.dumps(cases)], cwd=ROOT, env=environ,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    lines = [json.loads(line) for line in python_without_kernel_setting(ONEDNN_PROBE, json.dumps(cases)).splitlines()]
     return [tuple(x) for x in lines[:-1]], lines[-1]
 
 
@@ -275,11 +280,8 @@ def test_the_kernels_are_not_chosen_once_tensorflow_is_imported():
               "from nvae_tf.config import from_flagfile\n"
               "print(nvae_tf.choose_cpu_kernels(from_flagfile('configs/mnist.flags')),"
               " os.environ.get('TF_ENABLE_ONEDNN_OPTS'))\n")
-    environ = {k: v for k, v in child_env().items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environ, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split() == ["None", "None"], r.stdout
+    out = python_without_kernel_setting(script)
+    assert out.split() == ["None", "None"], out
 
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="nvae_tf chooses the kernels on x86-64 only")
@@ -306,8 +308,5 @@ else:
     runs.write_config(run_dir, config)
     evaluate.run(EvaluateOptions(model_dir=run_dir))
 """
-    environ = {k: v for k, v in child_env().items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    r = subprocess.run([sys.executable, "-c", script, command, str(tmp_path / "run")], cwd=ROOT, env=environ,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split() == ["False", "1"], r.stdout + r.stderr[-2000:]
+    out = python_without_kernel_setting(script, command, str(tmp_path / "run"))
+    assert out.split() == ["False", "1"], out
