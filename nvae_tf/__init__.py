@@ -36,12 +36,18 @@ def choose_cpu_kernels(config, deterministic=False):
     TF_ENABLE_ONEDNN_OPTS (which always wins) or TensorFlow is imported already: a `deterministic` run goes
     without them (on an AVX2 CPU they differ from run to run), a model whose encoder convolutions have at least
     `ONEDNN_MIN_ELEMENTS` activation elements per step gets them, a smaller one TensorFlow's default. Returns a
-    sentence for a deterministic run whose kernels the user chose to be oneDNN's, else None."""
+    warning for the user, else None: when TF_ENABLE_ONEDNN_OPTS holds a value TensorFlow does not read (it then
+    falls back to its default without a word at the default log level), or a deterministic run was asked for
+    oneDNN's kernels."""
     value = _os.environ.get(_ONEDNN)
     if value is not None:
-        if deterministic and value.strip().lower() in ("1", "true"):  # what TensorFlow reads as on
-            return (f"TF_ENABLE_ONEDNN_OPTS={value}: oneDNN's kernels may differ from run to run on this CPU; "
-                    "set it to 0 for results that repeat bit for bit")
+        word = value.strip().lower()
+        if word not in ("0", "1", "true", "false"):  # what TensorFlow reads; anything else it ignores
+            return (f"TF_ENABLE_ONEDNN_OPTS={value!r} is not one of 0, 1, true, false: TensorFlow ignores it "
+                    "and uses its default kernels")
+        if deterministic and word in ("1", "true"):
+            return (f"--deterministic: TF_ENABLE_ONEDNN_OPTS={value}: oneDNN's kernels may differ from run to run "
+                    "on this CPU; set it to 0 for results that repeat bit for bit")
         return None
     if "tensorflow" in _sys.modules or _platform.machine().lower() not in ("x86_64", "amd64"):
         return None

@@ -20,7 +20,9 @@ def run(opts, strategy=None, progress=True):
     options.check(opts)
     config = runs.load_config(opts.model_dir)
     import nvae_tf
-    nvae_tf.choose_cpu_kernels(config)  # before TensorFlow is imported (checking the checkpoint imports it)
+    caveat = nvae_tf.choose_cpu_kernels(config)  # before TensorFlow is imported (checking the checkpoint imports it)
+    if caveat:
+        logging.warning("%s", caveat)
     path = runs.find_checkpoint(opts.model_dir, opts.checkpoint)
     import keras
     import tensorflow as tf

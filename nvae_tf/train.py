@@ -43,7 +43,7 @@ def run(config, run_options, handle_signals=False):
         import nvae_tf
         caveat = nvae_tf.choose_cpu_kernels(config, run_options.deterministic)  # before TensorFlow is imported
         if caveat:
-            logging.warning("--deterministic: %s", caveat)
+            logging.warning("%s", caveat)
         from nvae_tf import distribute
         if run_options.cpu_replicas > 1:
             distribute.split_cpu(run_options.cpu_replicas)

@@ -272,7 +272,14 @@ def test_large_models_get_onednn_kernels_small_ones_tensorflows_default_determin
     # ... unless the user asked for them, which is said
     (setting, caveat), = onednn_probe([digits, 8, True, "1"])[0]
     assert setting == "1"
-    assert caveat.startswith("TF_ENABLE_ONEDNN_OPTS=1: oneDNN's kernels may differ from run to run"), caveat
+    assert caveat.startswith("--deterministic: TF_ENABLE_ONEDNN_OPTS=1: oneDNN's kernels may differ"), caveat
+    # a value TensorFlow does not read is named; TensorFlow's default stands, whatever the model
+    chosen, mkl = onednn_probe([mnist, 200, False, "0"], [mnist, 200, True, "TRUE"], [mnist, 200, False, "yes"])
+    assert [setting for setting, _ in chosen] == ["0", "TRUE", "yes"]
+    assert chosen[0][1] is None and chosen[1][1].startswith("--deterministic: TF_ENABLE_ONEDNN_OPTS=TRUE")
+    assert chosen[2][1] == ("TF_ENABLE_ONEDNN_OPTS='yes' is not one of 0, 1, true, false: TensorFlow ignores it "
+                            "and uses its default kernels"), chosen
+    assert mkl is onednn_probe([digits, 8, False, None])[1]  # TensorFlow's default on this CPU
 
 
 def test_the_kernels_are_not_chosen_once_tensorflow_is_imported():
