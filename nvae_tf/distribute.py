@@ -120,7 +120,7 @@ def lean_swish(x):
 
 
 def lean_remat(f):
-    """`f(x)` (one tensor in, one out) with its activations recomputed during back-propagation: the gradient
+    """`f(*inputs)` (tensors in, one out) with its activations recomputed during back-propagation: the gradient
     checkpointing of `tf.recompute_grad`, without its cost in a traced graph. There, the recomputation is itself
     a custom gradient, and tracing it walks the graph backwards from its gradients to find the variables it
     reads, through everything computed before the checkpoint: a walk per rematerialised cell, each as long as
@@ -128,20 +128,20 @@ def lean_remat(f):
     plain gradient tape. It starts only once the incoming gradient exists (a control dependency on every op it
     creates, variable reads included), so no recomputed activation or kernel is alive before it is needed."""
     @tf.custom_gradient
-    def rematerialised(x):
+    def rematerialised(*inputs):
         with record.stop_recording():  # the outer tape needs the output alone; the gradient recomputes the rest
-            y = f(x)
+            y = f(*inputs)
 
         def grad(dy, variables=None):
             variables = list(variables or [])
             with tf.control_dependencies([dy]):
                 with tf.GradientTape(watch_accessed_variables=False) as tape:
-                    x_again = tf.identity(x)
-                    tape.watch([x_again] + variables)
-                    y_again = f(x_again)
-            grads = tape.gradient(y_again, [x_again] + variables, output_gradients=dy,
+                    again = [tf.identity(t) for t in inputs]
+                    tape.watch(again + variables)
+                    y_again = f(*again)
+            grads = tape.gradient(y_again, again + variables, output_gradients=dy,
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return grads[0], grads[1:]
+            return grads[:len(inputs)], grads[len(inputs):]
 
         return y, grad
 

@@ -275,19 +275,47 @@ def test_prepare_model_fuses_on_one_replica():
     assert model_ops._after is distribute.after_dependency
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_kernels_shared_by_the_forward_pass_and_the_regulariser_give_the_same_loss_and_gradients(compiled):
+@pytest.mark.parametrize("compiled,remat", [(False, False), (True, False), (False, True), (True, True)])
+def test_kernels_shared_by_the_forward_pass_and_the_regulariser_give_the_same_loss_and_gradients(compiled, remat):
     """`NVAE.shared_kernels()` computes each effective kernel once for the forward pass and the spectral
     regulariser, runs the power iteration on entry and forms the regulariser's gradient with the kernels' own:
-    the loss, every gradient and the new power-iteration state must be those of computing it all separately."""
+    the loss, every gradient and the new power-iteration state must be those of computing it all separately.
+    Under `--remat` (`lean_remat`) each rematerialised cell takes its shared kernels as inputs: their gradient,
+    from the recomputation, must reach the kernels' variables as it does when each cell computes its own."""
     from conftest import load_flagfile
 
-    from nvae_tf import objective
     from nvae_tf.model import NVAE
-    from nvae_tf.model.distributions import ZeroNoise
+    from nvae_tf.model import ops as model_ops
     config = load_flagfile("tiny")
-    model = NVAE(config)
+    model = NVAE(config, remat=remat)
     model.build()
+    inputs_per_cell = {False: [], True: []}  # shared: the number of tensors each rematerialised cell takes
+    shared_now = [False]
+
+    def counting_lean_remat(f):
+        rematerialised = distribute.lean_remat(f)
+
+        def call(*inputs):
+            inputs_per_cell[shared_now[0]].append(len(inputs))
+            return rematerialised(*inputs)
+        return call
+
+    previous_remat = model_ops._remat
+    model_ops.set_remat(counting_lean_remat)
+    try:
+        _compare_shared_kernels(model, config, compiled, shared_now)
+    finally:
+        model_ops.set_remat(previous_remat)
+    if remat:  # the cells took their input alone, then with the shared kernels of their convolutions
+        assert inputs_per_cell[False] and set(inputs_per_cell[False]) == {1}
+        assert len(inputs_per_cell[True]) == len(inputs_per_cell[False]) and min(inputs_per_cell[True]) > 1
+    else:
+        assert not inputs_per_cell[False] and not inputs_per_cell[True]
+
+
+def _compare_shared_kernels(model, config, compiled, shared_now):
+    from nvae_tf import objective
+    from nvae_tf.model.distributions import ZeroNoise
     # The tiny model has both kinds of spectral group: kernels of one shape (computed stacked, some of them
     # masked by the flows) and one matrix shape from kernels of two shapes (computed one by one).
     kinds = [{(tuple(c.kernel.shape), c.depthwise, c.weight_norm) for c in group} for group in model._sr_groups]
@@ -296,6 +324,7 @@ def test_kernels_shared_by_the_forward_pass_and_the_regulariser_give_the_same_lo
     state = [v.numpy().copy() for v in model.variables]
     results, spectrals, power_states = [], [], []
     for shared in (False, True):
+        shared_now[0] = shared
         for v, value in zip(model.variables, state):  # the same power-iteration state for both
             v.assign(value)
         power_before = [w.numpy() for w in model._sr_u + model._sr_v]

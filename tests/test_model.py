@@ -259,9 +259,9 @@ def test_remat_gives_the_same_loss_gradients_and_batchnorm_statistics(compiled, 
         def counting_remat(f):
             wrapped.append(None)
 
-            def counted(h):
+            def counted(*inputs):
                 recomputed.append(None)
-                return f(h)
+                return f(*inputs)
             return (keras.remat if implementation == "keras.remat" else distribute.lean_remat)(counted)
 
         def step(images):

@@ -327,22 +327,31 @@ class NVAE(keras.Model):
         recomputed from `x` during back-propagation (gradient checkpointing per cell)."""
         if not (self.remat and training):
             return cell(x, training=training)
-        norms = [layer for layer in cell._flatten_layers() if isinstance(layer, BatchNorm)]
+        layers = list(cell._flatten_layers())
+        norms = [layer for layer in layers if isinstance(layer, BatchNorm)]
+        # Kernels computed by `shared_kernels` enter as inputs of the rematerialised function, so that its
+        # gradient reaches them (and, through them, the stacked weight normalisation) like any input's.
+        shared = getattr(SHARED_KERNELS, "by_layer", None) or {}
+        convs = [layer for layer in layers if isinstance(layer, Conv2D) and id(layer) in shared]
         passes = []
 
-        def forward(h):
+        def forward(h, *kernels):
             # The first pass updates the BN running statistics; the recomputation must not do it again.
             recomputing = bool(passes)
             passes.append(None)
             for bn in norms:
                 bn.update_statistics = not recomputing
+            outer = getattr(SHARED_KERNELS, "by_layer", None)
+            if convs:  # the recomputation runs outside `shared_kernels`: the kernels are the inputs given here
+                SHARED_KERNELS.by_layer = {id(layer): k for layer, k in zip(convs, kernels)}
             try:
                 return cell(h, training=True)
             finally:
+                SHARED_KERNELS.by_layer = outer
                 for bn in norms:
                     bn.update_statistics = True
 
-        return remat(forward)(x)
+        return remat(forward)(x, *[shared[id(layer)] for layer in convs])
 
     def _initial_state(self, batch):
         return ops.broadcast_to(self.prior_ftr0[None], (batch, *self.prior_ftr0.shape))
@@ -379,10 +388,10 @@ class NVAE(keras.Model):
     @contextlib.contextmanager
     def shared_kernels(self):
         """Within this context every convolution's effective kernel is computed once, on entry, and shared by the
-        forward pass and `spectral_norm_loss` (a training step computes it once instead of twice). Without effect
-        under `remat` (a rematerialised cell must compute its kernels inside the recomputed function, or the
-        recomputation would not differentiate them) and under a mixed precision policy (a convolution computes
-        its kernel from variables cast to its compute dtype, the regulariser in float32).
+        forward pass and `spectral_norm_loss` (a training step computes it once instead of twice); under `remat`
+        a rematerialised cell takes its kernels as inputs (`_run_cell`). Without effect under a mixed precision
+        policy (a convolution computes its kernel from variables cast to its compute dtype, the regulariser in
+        float32).
 
         The kernels of one spectral group (convolutions whose kernels have one shape) are computed stacked, a
         handful of ops for the group instead of a dozen per convolution in the step and as many in its gradient.
@@ -391,7 +400,7 @@ class NVAE(keras.Model):
         gradient (a kernel-sized outer product per group) is then formed only when the forward pass's gradient
         of the group has arrived, instead of being held through the whole back-propagation (a copy of every
         weight, 0.5 GB for CIFAR-10)."""
-        if self.remat or self.stem.compute_dtype != "float32":
+        if self.stem.compute_dtype != "float32":
             yield
             return
         kernels, stacks, matrices = {}, [], []
