@@ -290,20 +290,20 @@ def test_kernels_shared_by_the_forward_pass_and_the_regulariser_give_the_same_lo
     model = NVAE(config, remat=remat)
     model.build()
     inputs_per_cell = {False: [], True: []}  # shared: the number of tensors each rematerialised cell takes
-    shared_now = [False]
 
     def counting_lean_remat(f):
         rematerialised = distribute.lean_remat(f)
 
         def call(*inputs):
-            inputs_per_cell[shared_now[0]].append(len(inputs))
+            shared = getattr(model_ops.SHARED_KERNELS, "by_layer", None) is not None
+            inputs_per_cell[shared].append(len(inputs))
             return rematerialised(*inputs)
         return call
 
     previous_remat = model_ops._remat
     model_ops.set_remat(counting_lean_remat)
     try:
-        _compare_shared_kernels(model, config, compiled, shared_now)
+        _compare_shared_kernels(model, config, compiled)
     finally:
         model_ops.set_remat(previous_remat)
     if remat:  # the cells took their input alone, then with the shared kernels of their convolutions
@@ -313,7 +313,7 @@ def test_kernels_shared_by_the_forward_pass_and_the_regulariser_give_the_same_lo
         assert not inputs_per_cell[False] and not inputs_per_cell[True]
 
 
-def _compare_shared_kernels(model, config, compiled, shared_now):
+def _compare_shared_kernels(model, config, compiled):
     from nvae_tf import objective
     from nvae_tf.model.distributions import ZeroNoise
     # The tiny model has both kinds of spectral group: kernels of one shape (computed stacked, some of them
@@ -324,7 +324,6 @@ def _compare_shared_kernels(model, config, compiled, shared_now):
     state = [v.numpy().copy() for v in model.variables]
     results, spectrals, power_states = [], [], []
     for shared in (False, True):
-        shared_now[0] = shared
         for v, value in zip(model.variables, state):  # the same power-iteration state for both
             v.assign(value)
         power_before = [w.numpy() for w in model._sr_u + model._sr_v]
