@@ -240,7 +240,7 @@ def test_structure_counts_match_an_enumeration_of_the_tiny_config():
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("implementation", ["keras.remat", "lean_remat"])
 def test_remat_gives_the_same_loss_gradients_and_batchnorm_statistics(compiled, implementation):
-    """Gradient checkpointing per cell recomputes activations; it must not change any number, and the
+    """Gradient checkpointing per cell and per flow recomputes activations; it must not change any number, and the
     recomputation must not update the BN running statistics a second time: with Keras's remat and with the
     training runtime's own (`distribute.lean_remat`). (TensorFlow only: remat under JAX is not supported by this
     project.)"""
@@ -274,8 +274,13 @@ def test_remat_gives_the_same_loss_gradients_and_batchnorm_statistics(compiled, 
             loss, grads = (tf.function(step) if compiled else step)(tf.constant(x))
         finally:
             model_ops.set_remat(None)
-        # Each cell runs twice under remat (forward, then recomputed for the gradient), never otherwise.
-        assert len(wrapped) > 10 if remat else not wrapped
+        # Each cell and each flow of a posterior runs twice under remat (forward, then recomputed for the
+        # gradient), never otherwise.
+        flows = sum(len(group.flows) for group in model.latent_groups)
+        cells = (len(model.preprocess) + len(model.encoder_tower) + len(model.decoder_up_cells)
+                 + len(model.postprocess) + sum(len(group.cells) for group in model.latent_groups))
+        assert flows > 0 and cells > 10
+        assert len(wrapped) == (cells + flows if remat else 0), (len(wrapped), cells, flows)
         assert len(recomputed) == 2 * len(wrapped), (len(recomputed), len(wrapped))
         stats = [v.numpy() for bn in model.batchnorm_layers for v in (bn.moving_mean, bn.moving_variance)]
         results.append((loss.numpy(), [g.numpy() for g in grads], stats))

@@ -97,7 +97,7 @@ class ARFlowCell(keras.layers.Layer):
             h = ops.elu(h)
         return self.conv_out(h)
 
-    def call(self, z):
+    def call(self, z, training=False):
         return z - self.shift(z)
 
     def get_config(self):

@@ -268,8 +268,8 @@ class NVAE(keras.Model):
             q, prior = group.posterior_and_prior(s, features[group.index], self.config.res_dist)
             z = q.sample(noise)
             log_q = sum_per_image(q.log_prob(z))
-            for flow in group.flows:
-                z = flow(z)
+            for flow in group.flows:  # recomputed like a cell under remat: its hidden tensors have 6 nz channels
+                z = self._run_cell(flow, z, training)
             log_p = sum_per_image(prior.log_prob(z))
             groups.append((q.mu, log_q, log_p, log_q - log_p if group.flows else sum_per_image(q.kl(prior))))
             return z
