@@ -121,9 +121,10 @@ class TrainOptions(RunDirOptions, DataOptions, ReplicaOptions):
     """How a run trains (the model and its hyperparameters are the `NVAEConfig`)."""
     precision: str = option("float32", "Compute precision.", group="training", choices=PRECISIONS)
     jit_compile: bool = option(False, "Compile the training step with XLA (slower on CPU).", group="training")
-    remat: bool = option(False, "Gradient checkpointing per cell: keep only each cell's input and recompute its "
-                         "activations during back-propagation (less memory; 12 % more time per step on digits at "
-                         "batch 256, see the README's benchmarks). Does not change the result.", group="training")
+    remat: bool = option(False, "Gradient checkpointing per cell and per posterior flow: keep only each one's "
+                         "input and recompute its activations during back-propagation (less memory; 12 % more "
+                         "time per step on digits at batch 256, see the README's benchmarks). Does not change the "
+                         "result.", group="training")
     max_steps: int = option(0, "Stop after this many steps in total (0: train all epochs).", minimum=0)
     checkpoint_every: int = option(1000, "Steps between checkpoints.", minimum=1)
     keep_checkpoints: int = option(3, "Checkpoints to keep.", minimum=1)
