@@ -10,7 +10,8 @@ The classifier is an RBF support-vector machine with libsvm's Platt-scaled proba
 digits (larger images are block-averaged to 8x8 first): 98.0 % right on the held-out digits. Runs must be of the
 `digits` or `digits_grey` dataset at 8x8, 16x16 or another multiple of 8; each is sampled `--num_samples` times
 per temperature, as decoder means by default (`--pixels=mean`, what the README's quick start draws; `auto`
-or `sample` draws the pixels as `nvae_tf.sample` does by default).
+or `sample` draws the pixels as `nvae_tf.sample` does by default). `--readjust_bn` re-estimates the BatchNorm
+statistics at each temperature first, as the README's quick start samples.
 """
 
 import argparse
@@ -76,7 +77,9 @@ def row(name, classifier, images, labels=None):
             else None, "class_spread": float(entropy), "smallest_class": float(counts.min())}
 
 
-def sample_run(model_dir, temperatures, num_samples, seed, pixels="auto"):
+def sample_run(model_dir, temperatures, num_samples, seed, pixels="auto", bn_passes=0):
+    """Yields (row name, images) per temperature; with `bn_passes`, the BatchNorm statistics are readjusted
+    at each temperature first (`nvae_tf.sample --readjust_bn`, its default batch of 16)."""
     sys.path.insert(0, ROOT)
     from nvae_tf import runs, sampling
     config, model, _ = runs.load_model(model_dir)
@@ -85,8 +88,11 @@ def sample_run(model_dir, temperatures, num_samples, seed, pixels="auto"):
                          f"this benchmark judges digits runs at 8x8, 16x16 or another multiple of 8")
     pixels = sampling.pixel_mode(config, pixels)
     for t in temperatures:
+        if bn_passes:
+            sampling.readjust_batchnorm(model, t, bn_passes, seed=seed, progress=False)
         images = sampling.draw(model, num_samples, t, seed=seed, pixels=pixels)
-        yield f"{os.path.basename(os.path.normpath(model_dir))} t={t:g} ({config.decoder}, {pixels})", images
+        readjusted = ", BN readjusted" if bn_passes else ""
+        yield f"{os.path.basename(os.path.normpath(model_dir))} t={t:g} ({config.decoder}, {pixels}{readjusted})", images
 
 
 def main():
@@ -97,12 +103,18 @@ def main():
     parser.add_argument("--pixels", default="mean", choices=("auto", "sample", "mean"),
                         help="pixel values as `nvae_tf.sample --pixels` takes them")
     parser.add_argument("--seed", type=int, default=1, help="the digits split's seed (configs/digits.flags: 1)")
+    parser.add_argument("--readjust_bn", action="store_true",
+                        help="readjust the BatchNorm statistics at each temperature first, as `nvae_tf.sample "
+                             "--readjust_bn` does")
+    parser.add_argument("--bn_passes", type=int, default=500, help="sampling passes for --readjust_bn")
     args = parser.parse_args()
     dirs = [d for d in args.model_dirs.split(",") if d]
     missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "config.json"))]
     if missing:
         parser.error(f"--model_dirs: {missing[0]} holds no nvae_tf run (no config.json)")
     temperatures = [float(t) for t in args.temperatures.split(",") if t]
+    if args.bn_passes < 1:
+        parser.error(f"--bn_passes: must be >= 1, got {args.bn_passes}")
 
     real = real_digits(args.seed)
     classifier = train_classifier(*real["train"])
@@ -112,15 +124,16 @@ def main():
     rows = [row("real digits, held out (grey)", classifier, images, labels),
             row("real digits, held out (16x16, binarised)", classifier, binarised, labels)]
     for model_dir in dirs:
-        for name, samples in sample_run(model_dir, temperatures, args.num_samples, args.seed, args.pixels):
+        for name, samples in sample_run(model_dir, temperatures, args.num_samples, args.seed, args.pixels,
+                                        args.bn_passes if args.readjust_bn else 0):
             rows.append(row(name, classifier, samples))
 
-    print(f"{'source':<48} {'images':>6} {'p >= 0.9':>9} {'mean max p':>11} {'accuracy':>9} "
+    print(f"{'source':<64} {'images':>6} {'p >= 0.9':>9} {'mean max p':>11} {'accuracy':>9} "
           f"{'class spread':>13} {'rarest class':>13}")
-    print("-" * 115)
+    print("-" * 131)
     for r in rows:
         accuracy = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else "-"
-        print(f"{r['source']:<48} {r['images']:>6} {r['confident']:>9.1%} {r['mean_p']:>11.3f} {accuracy:>9} "
+        print(f"{r['source']:<64} {r['images']:>6} {r['confident']:>9.1%} {r['mean_p']:>11.3f} {accuracy:>9} "
               f"{r['class_spread']:>13.3f} {r['smallest_class']:>13.1%}")
     print(f"\np >= 0.9: share of images the classifier assigns to one class with probability >= {THRESHOLD}. "
           "class spread: entropy of the predicted classes / log 10 (1: all ten equally often).")

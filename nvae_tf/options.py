@@ -110,7 +110,8 @@ class SamplingOptions:
     pixels: str = option("auto", "Pixel values: a draw from p(x|z), its mean, or auto (mean for binary images, a "
                          "draw otherwise).", choices=("auto", "sample", "mean"))
     readjust_bn: bool = option(False, "Re-estimate the BatchNorm statistics from samples at the temperature "
-                               "first (NVAE's procedure for better samples).")
+                               "first (NVAE's procedure for better samples; `sample --mode=temperatures`: at "
+                               "each row's temperature).")
     bn_passes: int = option(500, "Sampling passes for --readjust_bn.", minimum=1)
     bn_batch: int = option(16, "Images per pass for --readjust_bn.", minimum=2)
 

@@ -9,7 +9,8 @@ Modes:
 
 The same `--seed` gives the same PNG. `--readjust_bn` re-estimates the BatchNorm statistics first: they are
 reset to (mean 0, variance 1), then `--bn_passes` training-mode sampling passes of `--bn_batch` images at the
-sampling temperature update them (NVAE's procedure, spec section 5). Pixels are the decoder's draw
+sampling temperature update them (NVAE's procedure, spec section 5); in `temperatures` mode every row is
+readjusted at its own temperature. Pixels are the decoder's draw
 (`--pixels=sample`) or its mean (`--pixels=mean`); the default is the mean for binary images and a draw
 otherwise.
 """
@@ -46,18 +47,25 @@ def run(opts):
                            f"{', '.join(sorted(source.sizes))}")
     _, model, path = runs.load_model(opts.model_dir, opts.checkpoint)
     pixels = sampling.pixel_mode(config, opts.pixels)
-    if opts.readjust_bn:
-        sampling.readjust_batchnorm(model, temps[0], opts.bn_passes, opts.bn_batch, opts.seed)
+
+    def readjust(t):
+        if opts.readjust_bn:
+            sampling.readjust_batchnorm(model, t, opts.bn_passes, opts.bn_batch, opts.seed)
 
     import numpy as np
     if opts.mode == "sample":
+        readjust(temperature)
         images = sampling.draw(model, opts.num_samples, temperature, opts.seed, pixels)
         grid = imaging.make_grid(images, opts.columns or None)
     elif opts.mode == "temperatures":
-        rows = [sampling.draw(model, opts.num_samples, t, opts.seed, pixels) for t in temps]
+        rows = []
+        for t in temps:  # with --readjust_bn, every row gets the statistics of samples at its own temperature
+            readjust(t)
+            rows.append(sampling.draw(model, opts.num_samples, t, opts.seed, pixels))
         grid = imaging.make_grid(np.concatenate(rows), columns=opts.num_samples,
                                  row_labels=[f"t={t:g}" for t in temps])
     else:
+        readjust(temperature)
         batch = next(iter(source.dataset(opts.split, opts.num_samples, training=False, deterministic=True,
                                          seed=opts.seed, cache=False)))
         noise = sampling.seeded_noise(opts.seed, "reconstruct_noise")

@@ -77,8 +77,10 @@ def readjust_batchnorm(model, temperature, passes=500, batch=16, seed=0, progres
     noise = seeded_noise(seed, "readjust_noise")
     sample_pass = tf.function(lambda: model.sample(batch, temperature, noise=noise, mode="mean", training=True))
     reset_batchnorm(model)
-    start = time.time()
+    start = last = time.time()
     for i in range(passes):
         sample_pass()
-        if progress and ((i + 1) % max(1, passes // 10) == 0 or i + 1 == passes):
-            logging.info("BN readjustment: pass %d/%d (%.1f s)", i + 1, passes, time.time() - start)
+        now = time.time()
+        if progress and (now - last >= 10 or i + 1 == passes):  # a line every 10 s, and the last pass
+            logging.info("BN readjustment: pass %d/%d (%.1f s)", i + 1, passes, now - start)
+            last = now

@@ -345,6 +345,27 @@ def test_readjust_bn_in_run_is_reproducible_and_changes_the_samples(trained_run,
     assert not np.array_equal(a, plain)
 
 
+def test_readjust_bn_in_temperatures_mode_readjusts_every_row_at_its_own_temperature(trained_run, tmp_path):
+    from nvae_tf import sampling
+    temperatures = [0.4, 1.0]
+    kwargs = dict(mode="temperatures", temperatures="0.4,1.0", num_samples=3, seed=6, readjust_bn=True,
+                  bn_passes=3, bn_batch=4)
+    grid, _ = run_sample(trained_run.model_dir, out=str(tmp_path / "t.png"), **kwargs)
+    png = read_png(str(tmp_path / "t.png"))
+    png = png[:, png.shape[1] - grid_shape(6, 3)[1]:]  # the tiles, right of the temperature labels
+    rows = [np.stack([tile(png, r * 3 + c, 3) for c in range(3)]) for r in range(len(temperatures))]
+    for r, t in enumerate(temperatures):
+        model = load(trained_run)
+        readjust(model, temperature=t, passes=3, batch=4, seed=6)
+        expected = enlarged(sampling.draw(model, 3, t, seed=6, pixels="mean"))[..., 0]
+        np.testing.assert_array_equal(rows[r], expected, err_msg=f"row {r} (t = {t})")
+    # Statistics of samples at the first row's temperature would draw the second row differently.
+    model = load(trained_run)
+    readjust(model, temperature=temperatures[0], passes=3, batch=4, seed=6)
+    first_only = enlarged(sampling.draw(model, 3, temperatures[1], seed=6, pixels="mean"))[..., 0]
+    assert not np.array_equal(rows[1], first_only)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(temperature=0.0), "--temperature must be in (0, 2]"),
     (dict(temperature=-0.5), "--temperature must be in (0, 2]"),
