@@ -124,6 +124,17 @@ def hide_scikit_learn_from_keras():
         sys.meta_path.insert(0, _NoScikitLearnForKeras())
 
 
+def caused_by_interrupt(error):
+    """Whether `error` is a `KeyboardInterrupt` or was raised while handling one (its context or cause chain)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def main(command, doc, option_classes, run, usage=None, extra_flags=None):
     """Run a command: define its flags, parse argv, then `run(flag_values)` -> exit code.
 
@@ -162,6 +173,14 @@ def main(command, doc, option_classes, run, usage=None, extra_flags=None):
         except errors.RunError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except BaseException as e:
+            # Ctrl-C (train handles it itself once training has started). TensorFlow can turn the interrupt into
+            # another exception on its way out (a graph context left mid-way), hence the search of the chain.
+            # Outputs are written to a temporary name and renamed into place, so nothing half-written remains.
+            if not caused_by_interrupt(e):
+                raise
+            print(f"interrupted: {command} stopped before it finished", file=sys.stderr)
+            return 130
 
     app.run(app_main, flags_parser=parse)
 

@@ -96,6 +96,7 @@ def run(opts):
         sampling.readjust_batchnorm(model, temperature, opts.bn_passes, opts.bn_batch)
         readjusted = temperature
 
+    created = not os.path.exists(export_dir)
     os.makedirs(export_dir, exist_ok=True)
     start = time.time()
     # Everything is written to a staging directory first: a failed export leaves earlier exports as they were.
@@ -128,6 +129,8 @@ def run(opts):
             os.replace(os.path.join(staging, name), os.path.join(export_dir, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not os.listdir(export_dir):  # a failed first export leaves no empty folder behind
+            os.rmdir(export_dir)
     info["seconds"] = round(time.time() - start, 1)
     return info
 

@@ -77,8 +77,10 @@ def make_grid(images, columns=None, padding=2, pad_value=255, min_size=64, row_l
 
 
 def write_png(path, image):
-    """Write a `[h, w, c]` uint8 image (c = 1 or 3) as PNG, creating the folder."""
+    """Write a `[h, w, c]` uint8 image (c = 1 or 3) as PNG, creating the folder; renamed into place."""
     import tensorflow as tf
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tf.io.write_file(path, tf.io.encode_png(to_uint8(image)))
+    staging = f"{path}.tmp-{os.getpid()}"
+    tf.io.write_file(staging, tf.io.encode_png(to_uint8(image)))
+    tf.io.gfile.rename(staging, path, overwrite=True)  # a stopped or failed write leaves `path` as it was

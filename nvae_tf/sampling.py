@@ -66,6 +66,20 @@ def reset_batchnorm(model):
         bn.moving_variance.assign(ops.ones(bn.moving_variance.shape, bn.moving_variance.dtype))
 
 
+def readjustment_pass(model, batch, seed):
+    """The traced training-mode sampling pass of `batch` images at a temperature given as a float32 scalar
+    tensor, its noise restarted at `seed`. Traced once per model and batch size: readjusting at several
+    temperatures (a row each in `sample --mode=temperatures`) reuses the same graph."""
+    cache = model.__dict__.setdefault("_readjustment_passes", {})  # not a tracked Keras attribute
+    if batch not in cache:
+        noise = seeded_noise(seed, "readjust_noise")
+        cache[batch] = noise, tf.function(
+            lambda t: model.sample(batch, t, noise=noise, mode="mean", training=True), reduce_retracing=True)
+    noise, sample_pass = cache[batch]
+    noise.seed_generator.state.assign(keras.random.SeedGenerator(seed, name="readjust_noise").state)
+    return sample_pass
+
+
 def readjust_batchnorm(model, temperature, passes=500, batch=16, seed=0, progress=True):
     """Reset the sampling path's BN running statistics, then update them with `passes` training-mode sampling
     passes of `batch` images at `temperature` (running <- 0.95 running + 0.05 batch). Weights are unchanged."""
@@ -74,12 +88,12 @@ def readjust_batchnorm(model, temperature, passes=500, batch=16, seed=0, progres
     if progress:
         logging.info("re-estimating BatchNorm statistics: %d passes of %d samples at t = %g", passes, batch,
                      temperature)
-    noise = seeded_noise(seed, "readjust_noise")
-    sample_pass = tf.function(lambda: model.sample(batch, temperature, noise=noise, mode="mean", training=True))
+    sample_pass = readjustment_pass(model, batch, seed)
+    temperature = tf.constant(temperature, tf.float32)
     reset_batchnorm(model)
     start = last = time.time()
     for i in range(passes):
-        sample_pass()
+        sample_pass(temperature)
         now = time.time()
         if progress and (now - last >= 10 or i + 1 == passes):  # a line every 10 s, and the last pass
             logging.info("BN readjustment: pass %d/%d (%.1f s)", i + 1, passes, now - start)

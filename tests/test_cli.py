@@ -129,6 +129,27 @@ def test_unknown_flag_and_stray_argument_are_one_error_line():
         assert "Traceback" not in r.stderr
 
 
+INTERRUPTED_RUNS = {  # what a command's run raises -> exit code, last line of stderr
+    "interrupt": ("raise KeyboardInterrupt", 130, "interrupted: demo stopped before it finished"),
+    # TensorFlow leaving a graph context mid-way turns Ctrl-C into another error raised while handling it.
+    "interrupt_turned_into_another_error": (
+        "try:\n        raise KeyboardInterrupt\n    except KeyboardInterrupt:\n        raise AssertionError('nesting')",
+        130, "interrupted: demo stopped before it finished"),
+    "another_error": ("raise AssertionError('a bug')", 1, "AssertionError: a bug"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INTERRUPTED_RUNS))
+def test_ctrl_c_is_one_line_and_exit_130_even_when_turned_into_another_error(case):
+    body, rc, last = INTERRUPTED_RUNS[case]
+    script = f"from nvae_tf import cli\ndef run(fv):\n    {body}\ncli.main('demo', 'doc', [], run)\n"
+    r = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(CONFIGS), env=child_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == rc, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == last, r.stderr
+    assert ("Traceback" in r.stderr) == (rc != 130), r.stderr  # a bug keeps its traceback
+
+
 # ------------------------------------------------------------------------------------------------ console
 START_UP = ["WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
             "I0000 00:00:1795821954.276210   21362 port.cc:153] oneDNN custom operations are on.\n",

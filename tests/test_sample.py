@@ -222,6 +222,18 @@ def test_readjustment_rejects_too_few_passes_or_images(trained_run):
     assert all(np.array_equal(before[p][0], after[p][0]) for p in before)  # refused before resetting
 
 
+def test_readjusting_again_at_other_temperatures_and_seeds_reuses_one_trace_and_matches_a_fresh_model(trained_run):
+    from nvae_tf.sampling import readjustment_pass
+    model = load(trained_run)
+    for t, seed in ((0.4, 9), (1.0, 9), (0.7, 3), (0.4, 9)):
+        stats = readjust(model, temperature=t, seed=seed)
+        fresh = readjust(load(trained_run), temperature=t, seed=seed)
+        for path in fresh:
+            for i in (0, 1):
+                np.testing.assert_array_equal(stats[path][i], fresh[path][i], err_msg=f"{path} at t = {t}")
+    assert readjustment_pass(model, 8, 0).experimental_get_tracing_count() == 1
+
+
 # ======================================================================================== drawing
 def test_draw_is_reproducible_by_seed(trained_run):
     from nvae_tf.sampling import draw
@@ -439,6 +451,65 @@ def test_cli_errors_exit_2_with_a_message(cli, case):
     assert_cli_error(r, ERROR_CASES[case][1])
     assert "wrote" not in r.stdout
     assert not (cli.base / f"{case}.png").exists()
+
+
+INTERRUPTED = {  # command line, the console line after which SIGINT comes, what must be as it was after
+    "sample": (["--readjust_bn", "--bn_passes=1000000", "--num_samples=2", "--out={out}/samples.png"],
+               "re-estimating BatchNorm statistics", ["samples.png"]),
+    "export": (["--export_dir={out}/exports", "--tflite"], "writing the SavedModel", []),
+}
+
+
+@pytest.mark.parametrize("command", sorted(INTERRUPTED))
+def test_ctrl_c_ends_with_one_line_and_leaves_the_run_and_earlier_outputs_as_they_were(trained_run, tmp_path,
+                                                                                      command):
+    """SIGINT mid-way (sample: while BatchNorm is being readjusted; export: while the SavedModel is written): exit
+    130 with one `interrupted` line and no traceback; the checkpoint files and a PNG already at `--out` keep their
+    bytes, and no temporary file or folder is left behind."""
+    import hashlib
+    import pathlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import CONFIGS, child_env
+
+    def digests(folder):
+        return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in os.listdir(folder)}
+
+    args, wait_for, kept = INTERRUPTED[command]
+    model_dir = trained_run.model_dir
+    before = digests(pathlib.Path(model_dir) / "checkpoints")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in kept:
+        (out / name).write_bytes(b"an earlier picture")
+    log = tmp_path / "log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", f"nvae_tf.{command}", f"--model_dir={model_dir}",
+                                 *[a.format(out=out) for a in args]],
+                                cwd=os.path.dirname(CONFIGS), env=child_env(), stdout=f, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 240
+            while wait_for not in log.read_text():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.time() < deadline, f"no line '{wait_for}' within 240 s"
+                time.sleep(0.1)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert rc == 130, text[-3000:]
+    assert text.splitlines()[-1] == f"interrupted: nvae_tf.{command} stopped before it finished", text[-3000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert sorted(os.listdir(out)) == kept
+    for name in kept:
+        assert (out / name).read_bytes() == b"an earlier picture"
+    assert digests(pathlib.Path(model_dir) / "checkpoints") == before
 
 
 def test_readjustment_keeps_the_encoder_statistics(trained_run):
