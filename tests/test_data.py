@@ -615,6 +615,13 @@ def test_training_pipeline_is_deterministic_under_a_seed_when_asked():
     assert not np.array_equal(a, c)
 
 
+def test_pipelines_run_without_tf_data_autotuning_whose_thread_stalls_every_epoch_end():
+    """A pipeline is made per epoch and per validation; freeing one waited seconds for the autotuning thread."""
+    source = data.open_source(load_flagfile("digits"))
+    for split, training in (("train", True), ("validation", False)):
+        assert source.dataset(split, 64, training=training).options().autotune.enabled is False, split
+
+
 def test_training_batches_are_full_and_evaluation_keeps_every_image():
     source = data.open_source(load_flagfile("digits"))
     train = [b.shape[0] for b in source.dataset("train", 64, training=True)]
