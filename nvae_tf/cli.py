@@ -135,6 +135,21 @@ def caused_by_interrupt(error):
     return False
 
 
+def _redeliver_interrupts(previous):
+    """An unraisable hook that sends Ctrl-C again when it landed in a `__del__` (Python would print it as
+    "Exception ignored" and go on; TensorFlow frees graph functions that way), so the command stops after all."""
+    import signal
+    import threading
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            # Sent from another thread a moment later, once the `__del__` has returned.
+            threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+        else:
+            previous(unraisable)
+    return hook
+
+
 def main(command, doc, option_classes, run, usage=None, extra_flags=None):
     """Run a command: define its flags, parse argv, then `run(flag_values)` -> exit code.
 
@@ -168,6 +183,7 @@ def main(command, doc, option_classes, run, usage=None, extra_flags=None):
 
     def app_main(_):
         hide_scikit_learn_from_keras()
+        sys.unraisablehook = _redeliver_interrupts(sys.unraisablehook)
         try:
             return run(fv) or 0
         except errors.RunError as e:

@@ -136,6 +136,11 @@ INTERRUPTED_RUNS = {  # what a command's run raises -> exit code, last line of s
         "try:\n        raise KeyboardInterrupt\n    except KeyboardInterrupt:\n        raise AssertionError('nesting')",
         130, "interrupted: demo stopped before it finished"),
     "another_error": ("raise AssertionError('a bug')", 1, "AssertionError: a bug"),
+    # Ctrl-C landing in a `__del__` (TensorFlow frees graph functions there): Python would only print it and go on.
+    "interrupt_in_a_destructor": (
+        "class Freed:\n        def __del__(self):\n            raise KeyboardInterrupt\n    Freed()\n"
+        "    import time\n    time.sleep(5)\n    print('went on after the interrupt')",
+        130, "interrupted: demo stopped before it finished"),
 }
 
 
@@ -148,6 +153,7 @@ def test_ctrl_c_is_one_line_and_exit_130_even_when_turned_into_another_error(cas
     assert r.returncode == rc, r.stderr
     assert r.stderr.strip().splitlines()[-1] == last, r.stderr
     assert ("Traceback" in r.stderr) == (rc != 130), r.stderr  # a bug keeps its traceback
+    assert "Exception ignored" not in r.stderr and "went on" not in r.stdout, (r.stdout, r.stderr)
 
 
 # ------------------------------------------------------------------------------------------------ console
