@@ -46,6 +46,13 @@ def seeded_noise(seed, name):
     return KerasNoise(keras.random.SeedGenerator(seed, name=name))
 
 
+def restart_noise(noise, seed):
+    """Puts a `seeded_noise` source back at the first draw of `seed`, as if it had just been made with it (in
+    eager code, or inside a traced function, which then restarts it at every call)."""
+    state = noise.seed_generator.state
+    state.assign(tf.constant([seed, 0], state.dtype))  # Keras's SeedGenerator starts at [seed, 0]
+
+
 def draw(model, num_samples, temperature, seed=0, pixels="sample"):
     """`[num_samples, H, W, C]` float images in [0, 1] from the prior; the same seed gives the same images."""
     return model.sample(num_samples, temperature, noise=seeded_noise(seed, "sample_noise"), mode=pixels).numpy()
@@ -76,7 +83,7 @@ def readjustment_pass(model, batch, seed):
         cache[batch] = noise, tf.function(
             lambda t: model.sample(batch, t, noise=noise, mode="mean", training=True), reduce_retracing=True)
     noise, sample_pass = cache[batch]
-    noise.seed_generator.state.assign(keras.random.SeedGenerator(seed, name="readjust_noise").state)
+    restart_noise(noise, seed)
     return sample_pass
 
 

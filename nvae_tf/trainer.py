@@ -491,15 +491,14 @@ class Trainer:
         (traced again only for another batch size), so pictures cost a few decoder passes, not seconds of eager
         ops."""
         if self._pictures is None:
-            noise = sampling.seeded_noise(self.config.seed, "summary_noise")
-            generator = noise.seed_generator
-            start = tf.identity(generator.state)
+            seed = self.config.seed
+            noise = sampling.seeded_noise(seed, "summary_noise")
             n = self.options.num_summary_images
 
             def pictures(batch):
-                generator.state.assign(start)
+                sampling.restart_noise(noise, seed)
                 inputs, recon = sampling.reconstruct(self.model, batch, pixels="mean", noise=noise)
-                generator.state.assign(start)
+                sampling.restart_noise(noise, seed)
                 rows = [self.model.sample(n, t, noise=noise, mode="mean") for t in SAMPLE_TEMPERATURES]
                 return inputs, recon, tf.stack(rows)
 

@@ -66,11 +66,71 @@ def trained_run(tmp_path_factory):
     return types.SimpleNamespace(model_dir=model_dir, config=config, steps=step, checkpoints=TINY_RUN_CHECKPOINTS)
 
 
-def child_env():
-    """The environment of a command-line subprocess: no cluster settings, quiet TensorFlow."""
+def child_env(**extra):
+    """The environment of a command-line subprocess: no cluster settings, quiet TensorFlow, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG" and not k.startswith("SLURM_")}
-    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **extra)
     return env
+
+
+class Run:
+    """A command-line subprocess (run from the repository root) whose stdout and stderr go to `log`."""
+
+    timeout = 300  # seconds
+
+    def __init__(self, args, log, env=None):
+        import subprocess
+        self.log = str(log)
+        self._file = open(self.log, "w")
+        self.proc = subprocess.Popen(args, cwd=os.path.dirname(CONFIGS), env=env or child_env(), stdout=self._file,
+                                     stderr=subprocess.STDOUT, text=True)
+
+    def text(self):
+        with open(self.log) as f:
+            return f.read()
+
+    def wait(self, timeout=None):
+        import subprocess
+        timeout = timeout or self.timeout
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"subprocess did not finish in {timeout} s:\n{self.tail()}")
+        self._file.close()
+        return rc
+
+    def kill(self, sig=None):
+        import signal
+        import subprocess
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL if sig is None else sig)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._file.close()
+
+    def tail(self, chars=4000):
+        return self.text()[-chars:]
+
+
+def poll(condition, timeout, what, run=None, interval=0.05):
+    """The first true value of `condition()` within `timeout` s; fails the test on a timeout or when `run` ends
+    first (and then kills `run`)."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        if run is not None and run.proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {run.proc.returncode}) before {what}:\n{run.tail()}")
+        time.sleep(interval)
+    if run is not None:
+        run.kill()
+    pytest.fail(f"timed out after {timeout} s waiting for {what}" + (f":\n{run.tail()}" if run else ""))
 
 
 def run_side_by_side(module, commands, workers=2, timeout=240):

@@ -35,6 +35,8 @@ import pytest
 
 import nvae_tf
 
+from conftest import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(nvae_tf.__file__)))
 CLIENT = os.path.join(ROOT, "export", "client.py")
 TIMEOUT = 420  # seconds for one subprocess
@@ -52,12 +54,6 @@ TFLITE_ENDS = ((7, 2.0), (8, FLT_MIN))
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def child_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
 class Proc:
     """A subprocess whose stdout and stderr go to files."""
 

@@ -222,6 +222,27 @@ def test_readjustment_rejects_too_few_passes_or_images(trained_run):
     assert all(np.array_equal(before[p][0], after[p][0]) for p in before)  # refused before resetting
 
 
+def test_restarted_noise_draws_what_a_new_source_of_that_seed_draws():
+    """`restart_noise` (the readjustment pass and the TensorBoard pictures restart their noise with it) gives the
+    draws of a source just made with that seed, in eager code and at every call of a traced function."""
+    import tensorflow as tf
+
+    from nvae_tf.sampling import restart_noise, seeded_noise
+    fresh = seeded_noise(7, "fresh").normal([6]).numpy()
+    noise = seeded_noise(5, "used")
+    assert not np.array_equal(noise.normal([6]).numpy(), fresh)
+    restart_noise(noise, 7)
+    np.testing.assert_array_equal(noise.normal([6]).numpy(), fresh)
+
+    @tf.function
+    def restarted():
+        restart_noise(noise, 7)
+        return noise.normal([6])
+
+    for _ in range(2):
+        np.testing.assert_array_equal(restarted().numpy(), fresh)
+
+
 def test_readjusting_again_at_other_temperatures_and_seeds_reuses_one_trace_and_matches_a_fresh_model(trained_run):
     from nvae_tf.sampling import readjustment_pass
     model = load(trained_run)
@@ -469,11 +490,10 @@ def test_ctrl_c_ends_with_one_line_and_leaves_the_run_and_earlier_outputs_as_the
     import hashlib
     import pathlib
     import signal
-    import subprocess
     import sys
     import time
 
-    from conftest import CONFIGS, child_env
+    from conftest import Run, poll
 
     def digests(folder):
         return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in os.listdir(folder)}
@@ -486,22 +506,15 @@ def test_ctrl_c_ends_with_one_line_and_leaves_the_run_and_earlier_outputs_as_the
     for name in kept:
         (out / name).write_bytes(b"an earlier picture")
     log = tmp_path / "log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", f"nvae_tf.{command}", f"--model_dir={model_dir}",
-                                 *[a.format(out=out) for a in args]],
-                                cwd=os.path.dirname(CONFIGS), env=child_env(), stdout=f, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 240
-            while wait_for not in log.read_text():
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.time() < deadline, f"no line '{wait_for}' within 240 s"
-                time.sleep(0.1)
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGINT)
-            rc = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    run = Run([sys.executable, "-m", f"nvae_tf.{command}", f"--model_dir={model_dir}",
+               *[a.format(out=out) for a in args]], log)
+    try:
+        poll(lambda: wait_for in run.text(), 240, f"the line '{wait_for}'", run=run, interval=0.1)
+        time.sleep(0.5)
+        run.proc.send_signal(signal.SIGINT)
+        rc = run.wait(timeout=120)
+    finally:
+        run.kill()
     text = log.read_text()
     assert rc == 130, text[-3000:]
     assert text.splitlines()[-1] == f"interrupted: nvae_tf.{command} stopped before it finished", text[-3000:]

@@ -18,7 +18,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 import types
@@ -26,9 +25,8 @@ import types
 import numpy as np
 import pytest
 
-from conftest import load_flagfile
+from conftest import Run, child_env, load_flagfile, poll
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A very small digits NVAE (one latent scale, one group): about 7 s to trace a training step on 2 cores.
 SMALL = dict(num_channels_enc=4, num_channels_dec=4, num_latent_scales=1, num_groups_per_scale=1,
@@ -45,54 +43,12 @@ def small_config(**overrides):
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def child_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG" and not k.startswith("SLURM_")}
-    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
 def train_args(model_dir, *extra, **overrides):
     """`python -m nvae_tf.train` on the small digits config; `overrides` are config flags."""
     values = {**SMALL, "eval_batches": 2, "num_summary_images": 4, **overrides}
     flags = [f"--{k}={v}" for k, v in values.items()]
     return [sys.executable, "-m", "nvae_tf.train", "--flagfile=configs/digits.flags", *flags,
             f"--model_dir={model_dir}", *extra]
-
-
-class Run:
-    """A training subprocess whose stdout and stderr go to `log`."""
-
-    def __init__(self, args, log, env=None):
-        self.log = str(log)
-        self._file = open(self.log, "w")
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env or child_env(), stdout=self._file,
-                                     stderr=subprocess.STDOUT, text=True)
-
-    def text(self):
-        with open(self.log) as f:
-            return f.read()
-
-    def wait(self, timeout=PROCESS_TIMEOUT):
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"training subprocess did not finish in {timeout} s:\n{self.tail()}")
-        self._file.close()
-        return rc
-
-    def kill(self, sig=signal.SIGKILL):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._file.close()
-
-    def tail(self, chars=4000):
-        return self.text()[-chars:]
 
 
 def run_all(*runs, timeout=PROCESS_TIMEOUT):
@@ -108,20 +64,6 @@ def run_all(*runs, timeout=PROCESS_TIMEOUT):
 def run_train(model_dir, *extra, log, **overrides):
     run = Run(train_args(model_dir, *extra, **overrides), log)
     return run.wait(), run.text()
-
-
-def poll(condition, timeout, what, run=None, interval=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        if run is not None and run.proc.poll() is not None:
-            pytest.fail(f"the run ended (exit {run.proc.returncode}) before {what}:\n{run.tail()}")
-        time.sleep(interval)
-    if run is not None:
-        run.kill()
-    pytest.fail(f"timed out after {timeout} s waiting for {what}" + (f":\n{run.tail()}" if run else ""))
 
 
 def checkpoint_values(path):
