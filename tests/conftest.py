@@ -117,8 +117,8 @@ class Run:
 
 
 def poll(condition, timeout, what, run=None, interval=0.05):
-    """The first true value of `condition()` within `timeout` s; fails the test on a timeout or when `run` ends
-    first (and then kills `run`)."""
+    """The first true value of `condition()` within `timeout` s; fails the test when `run` ends first, or on a
+    timeout (killing `run`)."""
     import time
     deadline = time.time() + timeout
     while time.time() < deadline:
