@@ -45,18 +45,25 @@ class Timed:
         return getattr(self.fn, name)
 
 
-def measure(flagfile, epochs, settings, data_dir):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def load_config(flagfile, epochs, settings):
+    """The NVAEConfig of `flagfile` with `--epochs` and the `settings` flags; absl's error for a wrong flag."""
     sys.path.insert(0, ROOT)
-    import numpy as np
-    from absl import flags, logging
+    from absl import flags
 
-    import nvae_tf
     from nvae_tf import config as config_lib
     fv = flags.FlagValues()
     config_lib.define_flags(fv)
     fv(["bench", f"--flagfile={flagfile}", f"--epochs={epochs}", *[f"--{s}" for s in settings]])
-    config = config_lib.from_flags(fv)
+    return config_lib.from_flags(fv)
+
+
+def measure(flagfile, epochs, settings, data_dir):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+    from absl import logging
+
+    import nvae_tf
+    config = load_config(flagfile, epochs, settings)
     nvae_tf.choose_cpu_kernels(config)  # as the training command does
     import tensorflow as tf
 
@@ -125,6 +132,10 @@ def main():
         parser.error(f"--epochs and --repeats must be >= 1, got {args.epochs} and {args.repeats}")
     job = {"flagfile": flagfile, "epochs": args.epochs, "settings": [s for s in args.set.split(",") if s],
            "data_dir": args.data_dir}
+    try:  # wrong flags are refused here, before any run
+        load_config(job["flagfile"], job["epochs"], job["settings"])
+    except Exception as e:  # absl's flag errors and the config's own checks
+        parser.error(f"--flagfile / --set: {e}")
     rows = []
     for i in range(args.repeats):
         print(f"run {i + 1}/{args.repeats}: {describe(job)} ...",

@@ -32,7 +32,6 @@ from conftest import Run, child_env, load_flagfile, poll
 SMALL = dict(num_channels_enc=4, num_channels_dec=4, num_latent_scales=1, num_groups_per_scale=1,
              min_groups_per_scale=1, num_preprocess_cells=1, num_postprocess_cells=1, num_latent_per_group=2)
 DIGITS_TRAIN = 1497  # training images of the built-in digits dataset (1797 - 300 for validation)
-PROCESS_TIMEOUT = 300  # seconds for one training subprocess
 SCALAR_TAGS = ("train/loss", "train/bpd", "train/kl", "train/beta", "train/lambda", "train/learning_rate",
                "train/grad_norm", "train/skipped_steps", "train/images_per_second", "kl_per_group/00")
 IMAGE_TAGS = ("reconstructions", "samples")
@@ -51,7 +50,7 @@ def train_args(model_dir, *extra, **overrides):
             f"--model_dir={model_dir}", *extra]
 
 
-def run_all(*runs, timeout=PROCESS_TIMEOUT):
+def run_all(*runs, timeout=Run.timeout):
     """Wait for every run; on a timeout or failure of one, kill the others too."""
     deadline = time.time() + timeout
     try:
